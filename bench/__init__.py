@@ -1,0 +1,1 @@
+"""Benchmarks: kernel timings, kernel IO and compile reports, end-to-end throughput."""

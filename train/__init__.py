@@ -1,0 +1,1 @@
+"""Training: data loading and the multitask training loop."""
