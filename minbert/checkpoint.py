@@ -86,9 +86,11 @@ def _format_keys(keys: list[str], limit: int = 20) -> str:
 
 
 def load_pretrained(cls, path: str | Path | None, dtype: torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu"):
+                    device: str | torch.device = "cpu", config_changes: dict | None = None):
     directory = resolve_dir(path)
     config = BertConfig.from_json(directory / "config.json")
+    if config_changes:
+        config = config.replace(**config_changes)
     state, _ignored = normalize_keys(read_state_dict(directory))
 
     model = cls(config)
@@ -119,6 +121,9 @@ def atomic_write(target: Path, write) -> None:
     so a reader never sees a half-written file."""
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it a normal file's mode
     try:
         write(tmp)
         os.replace(tmp, target)

@@ -192,11 +192,15 @@ class BertModel(nn.Module):
     # ------------------------------------------------------------------ checkpoints
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu") -> "BertModel":
-        """Load an HF-format BERT directory; None loads the embedded all-MiniLM-L6-v2."""
+                        device: str | torch.device = "cpu",
+                        config_changes: dict | None = None) -> "BertModel":
+        """Load an HF-format BERT directory; None loads the embedded all-MiniLM-L6-v2.
+
+        ``config_changes`` overrides config fields that do not change shapes (e.g. dropout).
+        """
         from .checkpoint import load_pretrained
 
-        return load_pretrained(cls, path, dtype=dtype, device=device)
+        return load_pretrained(cls, path, dtype=dtype, device=device, config_changes=config_changes)
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write ``config.json`` + ``model.safetensors`` that ``transformers.BertModel`` loads."""

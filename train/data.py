@@ -72,6 +72,8 @@ class LoadedSplit:
         path: the file read.
         examples: the well-formed rows, in file order.
         skipped: ``(line_number, reason)`` per malformed row, line numbers 1-based (header = 1).
+        skipped_ids: the ids of the malformed rows that had one (a prediction file that must
+            cover every id of a test file needs them).
     """
 
     task: str
@@ -79,6 +81,7 @@ class LoadedSplit:
     path: Path
     examples: list[Example] = field(default_factory=list)
     skipped: list[tuple[int, str]] = field(default_factory=list)
+    skipped_ids: list[str] = field(default_factory=list)
 
     @property
     def labeled(self) -> bool:
@@ -204,6 +207,8 @@ def load_file(path: str | os.PathLike, task: str, split: str, *, warn: bool = Tr
                     result.examples.append(_parse_row(row, len(header), columns, spec, labeled))
                 except ValueError as e:
                     result.skipped.append((start_line, str(e)))
+                    if len(row) > columns["id"] and row[columns["id"]].strip():
+                        result.skipped_ids.append(row[columns["id"]].strip())
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not valid UTF-8: {e}") from None
 

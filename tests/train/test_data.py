@@ -63,11 +63,13 @@ def test_quora_malformed_rows_are_reported(data_dir):
         train = load_task("quora", "train", data_dir)
     assert train.skipped == [(15624, "label is missing")]
     assert "ad118c967d683c93883bf072d" not in {ex.id for ex in train}
+    assert train.skipped_ids == ["ad118c967d683c93883bf072d"]
 
     with pytest.warns(MalformedRowWarning, match=r"quora-test-student\.csv: .* 1428"):
         test = load_task("quora", "test", data_dir)
     assert test.skipped == [(1428, "empty sentence2")]
     assert "9054345d02cd6c5642a4904dc" not in {ex.id for ex in test}
+    assert test.skipped_ids == ["9054345d02cd6c5642a4904dc"]
 
 
 def test_clean_files_do_not_warn(data_dir):

@@ -1,0 +1,127 @@
+"""Training scenarios for tests/train/test_training.py, run in one process group.
+
+    deepspeed --num_gpus 2 tests/train/ds_worker.py --checkpoint DIR --data DIR --out DIR --scenarios a,b
+    python tests/train/ds_worker.py ...            # one process
+
+Each scenario trains a few steps of a tiny BERT and rank 0 writes its per-step losses to
+``OUT/results.json``. Starting DeepSpeed once for several scenarios keeps the tests fast.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from train.config import TrainConfig, from_dict  # noqa: E402
+from minbert.heads import MultitaskBert  # noqa: E402
+from train.loop import Trainer, TrainingError, latest_checkpoint  # noqa: E402
+
+NO_DROPOUT = {"hidden_dropout": 0.0, "attention_dropout": 0.0, "head_dropout": 0.0}
+SMALL_TASKS = {t: {"max_train": 48, "max_eval": 8, "max_length": 32} for t in ("sst", "quora", "sts")}
+
+
+def base(checkpoint: str, **changes) -> dict:
+    cfg = {
+        "name": "test", "seed": 3, "epochs": 1, "steps_per_epoch": 6, "eval_batch_size": 8,
+        "log_every": 1,
+        "model": {"checkpoint": checkpoint, "kernels": "eager", **NO_DROPOUT},
+        "tasks": copy.deepcopy(SMALL_TASKS),
+        "schedule": {"kind": "round_robin"},
+        "optim": {"lr": 1e-3, "warmup_ratio": 0.0},
+        "deepspeed": {"zero_stage": 2, "bf16": True, "global_batch": 8, "micro_batch_per_device": 4},
+    }
+    for key, value in changes.items():  # "a.b" -> nested
+        node = cfg
+        *path, last = key.split(".")
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return cfg
+
+
+def scenarios(checkpoint: str, world: int) -> dict[str, dict]:
+    micro = 8 // world  # the same global batch (8) on any world size
+    return {
+        **{f"zero{s}": base(checkpoint, **{"deepspeed.zero_stage": s,
+                                          "deepspeed.micro_batch_per_device": micro}) for s in (0, 1, 2)},
+        "pcgrad": base(checkpoint, pcgrad=True, **{"schedule.kind": "superbatch",
+                                                   "deepspeed.micro_batch_per_device": micro}),
+        # Dropout on and fp32: resuming must restore the RNG as well as the model and optimizer.
+        "fp32": base(checkpoint, **{"deepspeed.bf16": False, "deepspeed.micro_batch_per_device": micro,
+                                    "model.hidden_dropout": 0.1, "model.attention_dropout": 0.1,
+                                    "model.head_dropout": 0.1}),
+        "learn": base(checkpoint, steps_per_epoch=24, **{"schedule.kind": "superbatch",
+                                                         "deepspeed.micro_batch_per_device": micro,
+                                                         "tasks.quora.enabled": False,
+                                                         "model.hidden_dropout": 0.1}),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--scenarios", required=True, help="comma-separated; 'fp32-resume' = stop + resume")
+    ap.add_argument("--local_rank", type=int, default=0)
+    args = ap.parse_args()
+    out = Path(args.out)
+    results = {}
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    table = scenarios(args.checkpoint, world)
+    for name in args.scenarios.split(","):
+        if name == "fp32-resume":  # stop after 2 steps (checkpoint), then a new trainer resumes
+            cfg = from_dict(TrainConfig, table["fp32"])
+            first = Trainer(cfg, args.data, out / name, progress=False)
+            first.fit(stop_after=2)
+            second = Trainer(cfg, args.data, out / name, resume=out / name, progress=False)
+            second.fit()
+            results[name] = {"first": first.step_losses, "second": second.step_losses}
+            continue
+        if name == "nan":  # a loss that turns NaN after a checkpoint: a clear stop, checkpoint kept
+            trainer = Trainer(from_dict(TrainConfig, table["zero2"]), args.data, out / name, progress=False)
+            trainer.fit(stop_after=1)
+            real_loss = MultitaskBert.loss
+            MultitaskBert.loss = staticmethod(lambda task, p, y: real_loss(task, p, y) * float("nan"))
+            try:
+                trainer.fit()
+                results[name] = {"error": None}
+            except TrainingError as e:
+                results[name] = {"error": str(e), "latest": str(latest_checkpoint(out / name))}
+            finally:
+                MultitaskBert.loss = staticmethod(real_loss)
+            continue
+        if name == "interrupted-save":  # a save that dies half-way leaves the previous one usable
+            cfg = from_dict(TrainConfig, table["zero2"])
+            trainer = Trainer(cfg, args.data, out / name, progress=False)
+            trainer.fit(stop_after=1)
+
+            def dying_save(save_dir, tag, **kwargs):
+                (Path(save_dir) / tag / "partial.pt").write_bytes(b"half")
+                raise KeyboardInterrupt("killed during save")
+
+            trainer.engine.save_checkpoint = dying_save
+            trainer.train_step()
+            try:
+                trainer.save_checkpoint()
+            except KeyboardInterrupt:
+                pass
+            resumed = Trainer(cfg, args.data, out / name, resume=out / name, progress=False)
+            results[name] = {"latest": str(latest_checkpoint(out / name)), "resumed_step": resumed.step}
+            continue
+        trainer = Trainer(from_dict(TrainConfig, table[name]), args.data, out / name, progress=False)
+        trainer.fit()
+        results[name] = {"losses": trainer.step_losses, "history": trainer.history}
+    if int(os.environ.get("RANK", 0)) == 0:
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,324 @@
+"""Typed training configuration: JSON in, checked on load, DeepSpeed config derived from it.
+
+A config file is a JSON object whose keys mirror the dataclasses below; an unknown key anywhere is
+an error that names it. ``--key.sub value`` command-line overrides go through the same checks. The
+DeepSpeed JSON is *produced* from this config (``deepspeed_config``), so the batch sizes, ZeRO
+stage, precision and clipping that DeepSpeed uses can never disagree with the training loop's.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+TASK_NAMES = ("sst", "quora", "sts")
+SCHEDULES = ("sequential", "round_robin", "random", "proportional", "annealed", "superbatch")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names it."""
+
+
+@dataclass
+class ModelConfig:
+    checkpoint: str | None = None  # HF-format BERT directory; None = embedded all-MiniLM-L6-v2
+    kernels: Literal["auto", "eager", "triton"] = "auto"  # kernels backend; auto = triton on CUDA
+    hidden_dropout: float | None = None  # override the checkpoint's dropout (None = keep)
+    attention_dropout: float | None = None
+    head_dropout: float = 0.1  # dropout before each task head
+
+    def __post_init__(self):
+        for name in ("hidden_dropout", "attention_dropout", "head_dropout"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise ConfigError(f"model.{name} must lie in [0, 1), got {value!r}")
+
+
+@dataclass
+class TaskConfig:
+    enabled: bool = True
+    form: Literal["cross", "bi"] = "cross"  # pair tasks: one [CLS] a [SEP] b [SEP] pass, or two towers
+    pooling: Literal["cls", "mean"] = "cls"  # [CLS] vector (BERT pooler) or mean over real tokens
+    head: Literal["concat", "cosine"] = "concat"  # bi-encoder: [u, v, |u-v|, u*v] -> linear, or cosine
+    weight: float = 1.0  # loss weight (superbatch "weighted" reduction)
+    max_train: int | None = None  # use the first N training examples (None = all)
+    max_eval: int | None = None  # evaluate on the first N dev examples (None = all)
+    max_length: int = 128  # tokens per sequence (pairs: both sentences together)
+
+    def check(self, task: str) -> None:
+        if self.weight < 0:
+            raise ConfigError(f"tasks.{task}.weight must be >= 0, got {self.weight}")
+        for name in ("max_train", "max_eval"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"tasks.{task}.{name} must be >= 1 or null, got {value}")
+        if self.max_length < 8:
+            raise ConfigError(f"tasks.{task}.max_length must be >= 8, got {self.max_length}")
+        if task == "sst" and (self.form != "cross" or self.head != "concat"):
+            raise ConfigError("tasks.sst is a single-sentence task: form and head do not apply")
+
+
+@dataclass
+class TasksConfig:
+    sst: TaskConfig = field(default_factory=TaskConfig)
+    quora: TaskConfig = field(default_factory=TaskConfig)
+    sts: TaskConfig = field(default_factory=TaskConfig)
+
+    def __post_init__(self):
+        for name in TASK_NAMES:
+            getattr(self, name).check(name)
+        if not self.enabled():
+            raise ConfigError("tasks: at least one of sst, quora, sts must be enabled")
+
+    def enabled(self) -> list[str]:
+        return [name for name in TASK_NAMES if getattr(self, name).enabled]
+
+
+@dataclass
+class ScheduleConfig:
+    kind: Literal["sequential", "round_robin", "random", "proportional", "annealed", "superbatch"] = "annealed"
+    alpha: float = 0.5  # proportional: P(task i) ~ n_i ** alpha
+    alpha_start: float = 1.0  # annealed: alpha goes linearly from alpha_start ...
+    alpha_end: float = 0.2  # ... to alpha_end over the training run
+    superbatch_reduce: Literal["sum", "weighted"] = "sum"  # superbatch: sum or task-weighted sum
+
+    def __post_init__(self):
+        for name in ("alpha", "alpha_start", "alpha_end"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"schedule.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "fused_adamw"] = "adamw"  # torch.optim.AdamW, or kernels.FusedAdamW
+    lr: float = 5e-5
+    head_lr: float | None = None  # learning rate of the task heads (None = lr)
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    lr_schedule: Literal["linear", "cosine", "constant"] = "linear"  # decay after warm-up
+    warmup_ratio: float = 0.1  # fraction of all steps spent warming up linearly from 0
+    grad_clip: float = 1.0  # global gradient-norm clipping (0 = off)
+
+    def __post_init__(self):
+        if self.lr <= 0 or (self.head_lr is not None and self.head_lr <= 0):
+            raise ConfigError("optim.lr and optim.head_lr must be > 0")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"optim.warmup_ratio must lie in [0, 1), got {self.warmup_ratio}")
+        if self.grad_clip < 0:
+            raise ConfigError(f"optim.grad_clip must be >= 0, got {self.grad_clip}")
+        self.betas = tuple(self.betas)
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    bf16: bool = True  # bf16 weights/activations with fp32 master weights in the optimizer
+    global_batch: int = 32  # examples per optimizer step, over all ranks and accumulation steps
+    micro_batch_per_device: int = 32  # examples per forward/backward on one rank
+    monitor_csv: bool = False  # DeepSpeed's CSV monitor (out/monitor/)
+    monitor_tensorboard: bool = False  # DeepSpeed's TensorBoard monitor (needs tensorboard)
+
+    def __post_init__(self):
+        for name in ("global_batch", "micro_batch_per_device"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"deepspeed.{name} must be >= 1, got {getattr(self, name)}")
+
+    def grad_accum(self, world_size: int) -> int:
+        """Accumulation steps so that micro x accumulation x world = global; an error if none."""
+        per_step = self.micro_batch_per_device * world_size
+        if self.global_batch % per_step:
+            raise ConfigError(
+                f"deepspeed.global_batch ({self.global_batch}) is not a multiple of "
+                f"micro_batch_per_device ({self.micro_batch_per_device}) x world size ({world_size}) "
+                f"= {per_step}; choose sizes whose product divides the global batch")
+        return self.global_batch // per_step
+
+
+@dataclass
+class TrainConfig:
+    name: str = "run"
+    seed: int = 0
+    epochs: int = 3
+    steps_per_epoch: int | None = None  # None: as many as the data gives (see train.schedules)
+    pcgrad: bool = False  # project conflicting task gradients (needs schedule.kind = superbatch)
+    eval_batch_size: int = 64
+    log_every: int = 10  # steps between log lines
+    keep_checkpoints: int = 2  # resumable DeepSpeed checkpoints kept (the newest ones)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tasks: TasksConfig = field(default_factory=TasksConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise ConfigError(f"steps_per_epoch must be >= 1 or null, got {self.steps_per_epoch}")
+        if self.pcgrad and self.schedule.kind != "superbatch":
+            raise ConfigError("pcgrad needs every task's gradient in each step: set "
+                              "schedule.kind to 'superbatch'")
+        if self.pcgrad and self.deepspeed.zero_stage == 3:
+            raise ConfigError("pcgrad works under ZeRO stages 0, 1 and 2 (stage 3 shards the "
+                              "parameters it projects)")
+        if self.pcgrad and len(self.tasks.enabled()) < 2:
+            raise ConfigError("pcgrad needs at least two enabled tasks")
+        if self.eval_batch_size < 1 or self.log_every < 1 or self.keep_checkpoints < 1:
+            raise ConfigError("eval_batch_size, log_every and keep_checkpoints must be >= 1")
+
+    # ------------------------------------------------------------------ DeepSpeed
+    def deepspeed_config(self, world_size: int, monitor_dir: str | None = None) -> dict:
+        """The DeepSpeed JSON for ``world_size`` ranks, derived from this config.
+
+        With PCGrad the loop feeds DeepSpeed one backward per step (the projected gradient), so
+        DeepSpeed accumulates nothing and sees the whole per-rank batch as its micro-batch.
+        """
+        ds = self.deepspeed
+        accum = ds.grad_accum(world_size)
+        micro = ds.micro_batch_per_device
+        if self.pcgrad:
+            micro, accum = micro * accum, 1
+        out: dict[str, Any] = {
+            "train_batch_size": ds.global_batch,
+            "train_micro_batch_size_per_gpu": micro,
+            "gradient_accumulation_steps": accum,
+            "gradient_clipping": self.optim.grad_clip,
+            "bf16": {"enabled": ds.bf16},
+            "zero_optimization": {"stage": ds.zero_stage},
+            "steps_per_print": 10 ** 9,  # our own logger reports progress
+            "wall_clock_breakdown": False,
+            "zero_allow_untested_optimizer": True,
+        }
+        if ds.zero_stage == 3:
+            out["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+        if ds.monitor_csv or ds.monitor_tensorboard:
+            if monitor_dir is None:
+                raise ConfigError("a DeepSpeed monitor needs an output directory")
+            if ds.monitor_csv:
+                out["csv_monitor"] = {"enabled": True, "output_path": monitor_dir, "job_name": self.name}
+            if ds.monitor_tensorboard:
+                out["tensorboard"] = {"enabled": True, "output_path": monitor_dir, "job_name": self.name}
+        return out
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        from minbert.checkpoint import atomic_write_text
+
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------- loading
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check ``value`` against the type hint ``hint`` (and build nested dataclasses)."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be an object, got {value!r}")
+        return from_dict(hint, value, where)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices or type(value) is not type(next(c for c in choices if c == value)):
+            raise ConfigError(f"{where} must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {hint}")
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint} at {where}")  # a bug in this file
+
+
+def from_dict(cls, data: dict, where: str = "config"):
+    """Build the dataclass ``cls`` from ``data``; unknown keys and wrong types are errors."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        prefix = "" if where == "config" else f"{where}."
+        raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+                          f"valid keys{' of ' + where if where != 'config' else ''}: {', '.join(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        sub = name if where == "config" else f"{where}.{name}"
+        kwargs[name] = _coerce(value, hints[name], sub)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _parse_override_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text  # a bare string such as --schedule.kind superbatch
+
+
+def apply_overrides(data: dict, overrides: list[tuple[str, str]]) -> dict:
+    """Set ``key.sub`` paths in the raw config dict from command-line ``(key, value)`` pairs."""
+    data = json.loads(json.dumps(data))  # deep copy
+    for key, text in overrides:
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override --{key}: {part!r} is not a section")
+        node[parts[-1]] = _parse_override_value(text)
+    return data
+
+
+def load_config(path: str | Path, overrides: list[tuple[str, str]] = ()) -> TrainConfig:
+    """Read a JSON config file, apply ``--key.sub value`` overrides, check everything."""
+    path = Path(path)
+    if not path.is_file():
+        shipped = Path(__file__).parent / "configs"
+        names = sorted(p.stem for p in shipped.glob("*.json"))
+        raise FileNotFoundError(f"config file not found: {path} (shipped configs in {shipped}: "
+                                f"{', '.join(names)})")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config must be a JSON object")
+    data.setdefault("name", path.stem)
+    return from_dict(TrainConfig, apply_overrides(data, list(overrides)))

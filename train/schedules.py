@@ -1,0 +1,108 @@
+"""Which task(s) each optimizer step trains, and which examples it sees.
+
+Everything here is a pure function of the seed and the step (plus per-task cursors that are saved
+in checkpoints), so every rank makes the same choice without talking to the others, and a resumed
+run continues exactly where it stopped.
+
+Schedules (``ScheduleConfig.kind``):
+  - ``sequential``:   all of task 1's steps of an epoch, then task 2's, ...
+  - ``round_robin``:  task ``step % T``.
+  - ``random``:       a task drawn uniformly at each step.
+  - ``proportional``: P(task i) ~ n_i ** alpha.
+  - ``annealed``:     the same with alpha moving linearly from ``alpha_start`` to ``alpha_end`` over
+                      training (Stickland & Murray, 2019: start near proportional, end near uniform).
+  - ``superbatch``:   one batch of every task in each step; their losses summed or weighted.
+
+References:
+    Stickland & Murray, "BERT and PALs", ICML 2019, https://arxiv.org/abs/1902.02671
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .config import ScheduleConfig
+
+
+class TaskSampler:
+    """Endless stream of example indices of one task: a fresh permutation each pass over the data.
+
+    The permutation of pass ``e`` depends only on (seed, task_index, e), so the state is just
+    ``(pass, cursor)``.
+    """
+
+    def __init__(self, size: int, seed: int, task_index: int):
+        if size < 1:
+            raise ValueError("a task needs at least one training example")
+        self.size, self.seed, self.task_index = size, seed, task_index
+        self.epoch, self.cursor = 0, 0
+        self._perm = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.task_index, epoch]).permutation(self.size)
+
+    def take(self, k: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < k:
+            n = min(k - len(out), self.size - self.cursor)
+            out.extend(self._perm[self.cursor:self.cursor + n].tolist())
+            self.cursor += n
+            if self.cursor == self.size:
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self._perm = self._permutation(self.epoch)
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self._perm = self._permutation(self.epoch)
+
+
+class Schedule:
+    """The task(s) of every step, for ``epochs`` epochs of ``steps_per_epoch`` steps."""
+
+    def __init__(self, cfg: ScheduleConfig, sizes: dict[str, int], global_batch: int, epochs: int,
+                 seed: int, steps_per_epoch: int | None = None):
+        if not sizes:
+            raise ValueError("the schedule needs at least one task")
+        self.cfg, self.tasks, self.seed = cfg, list(sizes), seed
+        self.sizes = np.array([sizes[t] for t in self.tasks], dtype=np.float64)
+        batches = [math.ceil(n / global_batch) for n in self.sizes]
+        if steps_per_epoch is None:
+            if cfg.kind == "superbatch":  # each step sees every task: same examples per epoch
+                steps_per_epoch = math.ceil(sum(self.sizes) / (global_batch * len(self.tasks)))
+            else:
+                steps_per_epoch = sum(batches)
+        self.steps_per_epoch = max(1, int(steps_per_epoch))
+        self.epochs = epochs
+        self.total_steps = self.steps_per_epoch * epochs
+        # sequential: the step (within an epoch) where each task's block ends
+        cum = np.cumsum(batches) / sum(batches)
+        self._seq_bounds = [round(self.steps_per_epoch * c) for c in cum]
+
+    def alpha(self, step: int) -> float:
+        if self.cfg.kind == "proportional":
+            return self.cfg.alpha
+        progress = step / max(self.total_steps - 1, 1)
+        return self.cfg.alpha_start + (self.cfg.alpha_end - self.cfg.alpha_start) * progress
+
+    def probabilities(self, step: int) -> np.ndarray:
+        if self.cfg.kind == "random":
+            return np.full(len(self.tasks), 1.0 / len(self.tasks))
+        weights = self.sizes ** self.alpha(step)
+        return weights / weights.sum()
+
+    def tasks_for_step(self, step: int) -> list[str]:
+        kind = self.cfg.kind
+        if kind == "superbatch":
+            return list(self.tasks)
+        if kind == "round_robin":
+            return [self.tasks[step % len(self.tasks)]]
+        if kind == "sequential":
+            within = step % self.steps_per_epoch
+            return [next(t for t, end in zip(self.tasks, self._seq_bounds) if within < end)]
+        rng = np.random.default_rng([self.seed, 7919, step])
+        return [self.tasks[int(rng.choice(len(self.tasks), p=self.probabilities(step)))]]
