@@ -45,8 +45,8 @@ class TaskConfig:
     pooling: Literal["cls", "mean"] = "cls"  # [CLS] vector (BERT pooler) or mean over real tokens
     head: Literal["concat", "cosine"] = "concat"  # bi-encoder: [u, v, |u-v|, u*v] -> linear, or cosine
     weight: float = 1.0  # loss weight (superbatch "weighted" reduction)
-    max_train: int | None = None  # use the first N training examples (None = all)
-    max_eval: int | None = None  # evaluate on the first N dev examples (None = all)
+    max_train: int | None = None  # train on a seeded random N of the examples (None = all)
+    max_eval: int | None = None  # evaluate on a seeded random N of the dev examples (None = all)
     max_length: int = 128  # tokens per sequence (pairs: both sentences together)
 
     def check(self, task: str) -> None:

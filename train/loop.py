@@ -207,7 +207,10 @@ class Trainer:
     # ------------------------------------------------------------------ helpers
     def _load(self, task: str, split: str, limit: int | None):
         loaded = load_task(task, split, self.data_dir, warn=self.is_main)
-        examples = loaded.examples[:limit] if limit else loaded.examples
+        examples = loaded.examples
+        if limit and limit < len(examples):  # a seeded random subset: the files are not shuffled
+            keep = sorted(random.Random(f"{self.cfg.seed}/{task}/{split}").sample(range(len(examples)), limit))
+            examples = [examples[i] for i in keep]
         if not examples:
             raise TrainingError(f"{task} {split}: no usable examples in {loaded.path}")
         return examples
