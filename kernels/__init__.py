@@ -4,13 +4,32 @@ Public API (each op dispatches on the backend chosen by ``set_backend`` / ``$MIN
   - ``attention(q, k, v, key_padding_mask=None, dropout_p=0.0, softmax_scale=None, seed=None)``
   - ``layer_norm(x, weight, bias, eps=1e-12, residual=None, dropout_p=0.0, seed=None)``
   - ``bias_gelu(x, bias, approximate="none")``
+  - ``gelu_layer_norm(x, bias, weight, ln_bias, eps=1e-12, approximate="none")``
 """
-from ._backend import BACKENDS, default_backend, get_backend, set_backend, use_backend
-from .attention import attention, attention_ref
-from .layernorm_gelu import LayerNorm, bias_gelu, bias_gelu_ref, layer_norm, layer_norm_ref
+import os as _os
+
+if _os.environ.get("TRITON_INTERPRET") == "1":
+    # Triton's CPU interpreter mishandles bf16 (tl.dot on raw bits, truncating casts): correct it
+    # inside the interpreter before any kernel runs. Compiled kernels are untouched.
+    from . import _interpreter
+
+    _interpreter.install()
+
+from ._backend import BACKENDS, default_backend, get_backend, set_backend, use_backend  # noqa: E402
+from .attention import attention, attention_ref  # noqa: E402
+from .layernorm_gelu import (  # noqa: E402
+    LayerNorm,
+    bias_gelu,
+    bias_gelu_ref,
+    gelu_layer_norm,
+    gelu_layer_norm_ref,
+    layer_norm,
+    layer_norm_ref,
+)
 
 __all__ = [
     "BACKENDS", "default_backend", "get_backend", "set_backend", "use_backend",
     "attention", "attention_ref",
-    "layer_norm", "layer_norm_ref", "bias_gelu", "bias_gelu_ref", "LayerNorm",
+    "layer_norm", "layer_norm_ref", "bias_gelu", "bias_gelu_ref", "gelu_layer_norm",
+    "gelu_layer_norm_ref", "LayerNorm",
 ]

@@ -142,12 +142,20 @@ def test_run_py_two_ranks_writes_predictions_for_every_test_id(tiny_checkpoint, 
            "--data", str(data_dir), "--out", str(out), "--no-progress",
            "--model.checkpoint", str(tiny_checkpoint), "--steps_per_epoch", "3",
            "--deepspeed.global_batch", "8", "--deepspeed.micro_batch_per_device=4",
-           "--tasks.sts.form", "bi", "--tasks.sts.head", "cosine", "--tasks.quora.pooling", "mean"]
+           "--tasks.sts.form", "bi", "--tasks.sts.head", "cosine", "--tasks.quora.pooling", "mean",
+           "--deepspeed.monitor_csv", "true", "--log_every", "1"]
     for task in ("sst", "quora", "sts"):
         cmd += [f"--tasks.{task}.max_eval", "32"]
     _run(cmd)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3 and set(summary["best_dev"]) == {"sst", "quora", "sts", "overall"}
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert all(r["lr"] > 0 and r["samples_per_s"] > 0 and r["tokens_per_s"] > 0 for r in steps)
+    assert [r["epoch"] for r in log if "dev" in r] == [1]
+    monitor_files = {p.name for p in (out / "monitor").rglob("*.csv")}
+    assert {"Train_loss_sst.csv", "Train_lr.csv"} <= monitor_files, monitor_files
     saved = json.loads((out / "config.json").read_text())
     assert saved["tasks"]["sts"]["form"] == "bi" and saved["deepspeed"]["global_batch"] == 8
 

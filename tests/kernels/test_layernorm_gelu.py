@@ -1,0 +1,409 @@
+"""The LayerNorm / bias + GELU / GELU + LayerNorm Triton kernels against their fp32 references.
+
+On CPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set before triton is
+imported). Every comparison goes through ``kernels.testing`` (error budget: 2x eager's error
+against the fp32 reference + ``ATOL[dtype]``), on the forward outputs and every gradient.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+import kernels
+from kernels import layernorm_gelu as lg
+from kernels.testing import ATOL, OpCase, assert_case, compare_case
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRET else "cuda"
+
+pytestmark = pytest.mark.skipif(
+    not INTERPRET and not torch.cuda.is_available(),
+    reason="Triton kernels need a CUDA GPU or TRITON_INTERPRET=1 set before triton is imported")
+
+# dtype and tolerance travel together: each comparison reads kernels.testing.ATOL[dtype]
+DTYPES = [pytest.param(d, id=str(d).replace("torch.", "")) for d in
+          (torch.float32, torch.float16, torch.bfloat16)]
+# odd shapes: one element, primes, non-powers of two (heavy padding), exact powers of two
+SHAPES = [(1, 1), (7, 29), (3, 5, 384), (2, 13, 768), (1, 1023), (5, 1024)]
+SHAPE_IDS = ["x".join(map(str, s)) for s in SHAPES]
+LN_VARIANTS = {
+    "plain": dict(),
+    "residual": dict(residual=True),
+    "residual+dropout": dict(residual=True, dropout_p=0.1),
+    "residual+dropout+prenorm": dict(residual=True, dropout_p=0.1, return_prenorm=True),
+}
+
+
+if INTERPRET:
+    # the interpreter's corrections (bf16 casts round to nearest even as on GPUs; without it bf16
+    # outputs are truncated and small bf16 cases exceed the budget); idempotent, and
+    # kernels/__init__.py installs it too under TRITON_INTERPRET=1
+    from kernels import _interpreter
+
+    _interpreter.install()
+
+
+@pytest.fixture
+def small_row_groups(monkeypatch):
+    """Four rows per program, so small shapes run several programs (and a ragged last group)."""
+    monkeypatch.setattr(lg, "_MIN_ROWS_PER_PROGRAM", 4)
+
+
+# ----------------------------------------------------------------------------- accuracy grids
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("variant", list(LN_VARIANTS))
+def test_layer_norm_matches_reference(variant, shape, dtype, small_row_groups):
+    assert_case(lg.layer_norm_case(shape, **LN_VARIANTS[variant]), DEVICE, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layer_norm_dropout_prenorm_without_residual(dtype, small_row_groups):
+    assert_case(lg.layer_norm_case((3, 7, 29), dropout_p=0.2, return_prenorm=True), DEVICE, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_bias_gelu_matches_reference(approximate, shape, dtype, small_row_groups):
+    assert_case(lg.bias_gelu_case(shape, approximate), DEVICE, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (7, 29), (3, 5, 384), (1, 1023)],
+                         ids=["1x1", "7x29", "3x5x384", "1x1023"])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_layer_norm_matches_reference(approximate, shape, dtype, small_row_groups):
+    assert_case(lg.gelu_layer_norm_case(shape, approximate), DEVICE, dtype)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", [
+    lg.layer_norm_case((3, 97, 4096), residual=True, dropout_p=0.1, return_prenorm=True),
+    lg.layer_norm_case((2, 8192), residual=True, dropout_p=0.1),
+    lg.bias_gelu_case((64, 3072), "none"),
+    lg.gelu_layer_norm_case((33, 4096), "tanh"),
+], ids=lambda c: c.name)
+def test_large_shapes(case, dtype):
+    assert_case(case, DEVICE, dtype)
+
+
+def test_check_cases_pass_in_fp32():
+    for case in lg.check_cases():
+        assert_case(case, DEVICE, torch.float32)
+
+
+# ----------------------------------------------------------------------------- dropout
+def test_dropout_kept_fraction_and_forward_mask():
+    p = 0.1
+    keep = lg._layer_norm_dropout_mask((64, 1024), p, seed=3)
+    assert keep.dtype == torch.bool and keep.shape == (64, 1024)
+    assert abs(keep.float().mean().item() - (1 - p)) <= 0.01
+    # the forward drops exactly those elements: h = dropout(1) = keep / (1 - p)
+    x = torch.ones(64, 1024, device=DEVICE)
+    w, b = torch.ones(1024, device=DEVICE), torch.zeros(1024, device=DEVICE)
+    _, h = lg._layer_norm_triton(x, w, b, dropout_p=p, seed=3, return_prenorm=True)
+    assert torch.equal(h == 0, ~keep)
+    assert torch.allclose(h[keep], torch.full_like(h[keep], 1 / (1 - p)))
+
+
+def test_dropout_mask_depends_on_row_and_column_only():
+    wide = lg._layer_norm_dropout_mask((5, 300), 0.5, seed=11)
+    narrow = lg._layer_norm_dropout_mask((5, 29), 0.5, seed=11)  # other width, other BLOCK_N
+    assert torch.equal(narrow, wide[:, :29])
+    assert not torch.equal(wide[0], wide[1])  # rows get their own streams
+    assert not torch.equal(wide, lg._layer_norm_dropout_mask((5, 300), 0.5, seed=12))
+
+
+def test_dropout_seed_reproducible_and_drawn_when_none():
+    g = torch.Generator().manual_seed(0)
+    x, r = torch.randn(6, 40, generator=g), torch.randn(6, 40, generator=g)
+    w, b = torch.randn(40, generator=g), torch.randn(40, generator=g)
+
+    def run(seed):
+        return lg._layer_norm_triton(x, w, b, residual=r, dropout_p=0.3, seed=seed)
+
+    assert torch.equal(run(5), run(5))
+    assert not torch.equal(run(5), run(6))
+    torch.manual_seed(123)
+    first, second = run(None), run(None)
+    assert not torch.equal(first, second)  # fresh masks each call
+    torch.manual_seed(123)
+    assert torch.equal(run(None), first)  # drawn from torch's RNG
+
+
+def test_backward_regenerates_forward_mask():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(9, 50, generator=g, requires_grad=True)
+    r = torch.randn(9, 50, generator=g, requires_grad=True)
+    w, b = torch.randn(50, generator=g), torch.randn(50, generator=g)
+    y = lg._layer_norm_triton(x, w, b, residual=r, dropout_p=0.25, seed=77)
+    y.backward(torch.randn(9, 50, generator=g))
+    keep = lg._layer_norm_dropout_mask((9, 50), 0.25, seed=77)
+    assert torch.all(x.grad[~keep] == 0)
+    torch.testing.assert_close(x.grad[keep], r.grad[keep] / 0.75, rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- determinism, layouts
+@pytest.mark.parametrize("op", ["layer_norm", "bias_gelu", "gelu_layer_norm"])
+def test_weight_grads_bitwise_deterministic(op, small_row_groups):
+    g = torch.Generator().manual_seed(2)
+    M, N = 38, 96  # ten programs of 4 rows, the last ragged
+    x = torch.randn(M, N, generator=g)
+    dy = torch.randn(M, N, generator=g)
+    params = [torch.randn(N, generator=g) for _ in range(4)]
+
+    def grads():
+        ps = [p.clone().requires_grad_() for p in params]
+        if op == "layer_norm":
+            out, used = lg._layer_norm_triton(x, ps[0], ps[1], residual=x, dropout_p=0.1, seed=3), ps[:2]
+        elif op == "bias_gelu":
+            out, used = lg._bias_gelu_triton(x, ps[0]), ps[:1]
+        else:
+            out, used = lg._gelu_layer_norm_triton(x, ps[0], ps[1], ps[2]), ps[:3]
+        return torch.autograd.grad(out, used, dy)
+
+    first, second = grads(), grads()
+    assert lg._row_groups(M, torch.device(DEVICE))[1] > 1
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layer_norm_broadcast_residual(dtype):
+    """A residual that broadcasts to x (minBERT's position embeddings: (L, H) for x (B, L, H))."""
+    def make_inputs(device, dtype, seed):
+        g = torch.Generator().manual_seed(seed)
+        return dict(x=(torch.randn(3, 7, 29, generator=g) * 2).to(device, dtype).requires_grad_(),
+                    weight=torch.randn(29, generator=g).to(device, dtype).requires_grad_(),
+                    bias=torch.randn(29, generator=g).to(device, dtype).requires_grad_(),
+                    residual=torch.randn(7, 29, generator=g).to(device, dtype).requires_grad_())
+
+    assert_case(OpCase("layer_norm broadcast residual", make_inputs, lg._layer_norm_triton,
+                       kernels.layer_norm_ref), DEVICE, dtype)
+
+
+def test_non_contiguous_inputs():
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(29, 7, generator=g)
+    x = base.t()  # (7, 29) transposed view
+    r = torch.randn(29, 7, generator=g).t()
+    w, b = torch.randn(29, generator=g), torch.randn(29, generator=g)
+    assert not x.is_contiguous()
+    for fn in (lambda x, r: lg._layer_norm_triton(x, w, b, residual=r, dropout_p=0.1, seed=4),
+               lambda x, r: lg._bias_gelu_triton(x, b) + r,
+               lambda x, r: lg._gelu_layer_norm_triton(x, b, w, b) + r):
+        xs = [t.detach().clone().requires_grad_() for t in (x, r)]
+        cs = [t.detach().contiguous().requires_grad_() for t in (x, r)]
+        out, ref = fn(*xs), fn(*cs)
+        assert torch.equal(out, ref)
+        dy = torch.randn(7, 29, generator=g)
+        out.backward(dy)
+        ref.backward(dy)
+        assert torch.equal(xs[0].grad, cs[0].grad) and torch.equal(xs[1].grad, cs[1].grad)
+
+
+def test_empty_inputs():
+    w, b = torch.randn(16), torch.randn(16)
+    for shape in [(0, 16), (2, 0, 16)]:
+        x = torch.randn(shape, requires_grad=True)
+        wg, bg = w.clone().requires_grad_(), b.clone().requires_grad_()
+        y, h = lg._layer_norm_triton(x, wg, bg, residual=x, dropout_p=0.1, return_prenorm=True)
+        assert y.shape == shape and h.shape == shape
+        (y.sum() + h.sum()).backward()
+        assert x.grad.shape == shape and torch.equal(wg.grad, torch.zeros(16))
+        assert lg._bias_gelu_triton(x, b).shape == shape
+        assert lg._gelu_layer_norm_triton(x, b, w, b).shape == shape
+
+
+def test_weight_dtype_may_differ_from_activations():
+    """bf16 activations with fp32 parameters: outputs in x's dtype, grads in the params' dtypes."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 64, generator=g).bfloat16().requires_grad_()
+    w = torch.randn(64, generator=g).requires_grad_()
+    b = torch.randn(64, generator=g).requires_grad_()
+    y = lg._layer_norm_triton(x, w, b)
+    y.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and x.grad.dtype == torch.bfloat16
+    assert w.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
+    ref = kernels.layer_norm_ref(x.detach().float(), w.detach(), b.detach(), upcast=True)
+    assert (y.float() - ref).abs().max().item() <= 2 * 2**-7 * ref.abs().max().item()
+
+
+# ----------------------------------------------------------------------------- input checks
+def test_bad_inputs_raise_value_error(monkeypatch):
+    x, w, b = torch.randn(3, 8), torch.randn(8), torch.randn(8)
+    with pytest.raises(ValueError, match=r"x has dtype torch.int32; the Triton kernels take"):
+        lg.layer_norm_fwd(x.to(torch.int32), w, b)
+    with pytest.raises(ValueError, match=r"weight has shape \(9,\), expected \(8,\)"):
+        lg.layer_norm_fwd(x, torch.randn(9), b)
+    with pytest.raises(ValueError, match=r"residual has shape \(3, 7\), expected \(3, 8\)"):
+        lg.layer_norm_fwd(x, w, b, residual=torch.randn(3, 7))
+    with pytest.raises(ValueError, match="residual has dtype torch.float16 but x has torch.float32"):
+        lg.layer_norm_fwd(x, w, b, residual=x.half())
+    with pytest.raises(ValueError, match="hidden size 8193 is above the maximum of 8192"):
+        lg.layer_norm_fwd(torch.randn(1, 8193), torch.randn(8193), torch.randn(8193))
+    with pytest.raises(ValueError, match="hidden size 4097 is above the maximum of 4096"):
+        lg.gelu_layer_norm_fwd(torch.randn(1, 4097), *(torch.randn(4097) for _ in range(3)))
+    for p in (1.0, -0.1):
+        with pytest.raises(ValueError, match=r"dropout_p must lie in \[0, 1\)"):
+            lg.layer_norm_fwd(x, w, b, dropout_p=p)
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        lg.layer_norm_fwd(x, w, b, dropout_p=0.1, seed=-1)
+    with pytest.raises(ValueError, match="approximate must be 'none' or 'tanh'"):
+        lg.bias_gelu_fwd(x, b, approximate="fast")
+    with pytest.raises(ValueError, match="bias has shape"):
+        lg.bias_gelu_fwd(x, torch.randn(3))
+    with pytest.raises(ValueError, match="all tensors must be on one device"):
+        lg._check_device(x, torch.empty(8, device="meta"))
+    # through the public functions too
+    with pytest.raises(ValueError, match="weight has shape"), kernels.use_backend("triton"):
+        kernels.layer_norm(x, torch.randn(9), b)
+    # CPU tensors need the interpreter: the env var must stay set in this process, so the check
+    # itself is called with it removed
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="got CPU tensors.*TRITON_INTERPRET=1"):
+        lg._check_device(x, w)
+
+
+# ----------------------------------------------------------------------------- dispatch and minBERT
+def test_public_functions_dispatch_to_triton(monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    x, r = torch.randn(4, 33, generator=g), torch.randn(4, 33, generator=g)
+    w, b = torch.randn(33, generator=g), torch.randn(33, generator=g)
+    with kernels.use_backend("triton"):
+        assert torch.equal(kernels.layer_norm(x, w, b, residual=r),
+                           lg._layer_norm_triton(x, w, b, residual=r))
+        assert torch.equal(kernels.bias_gelu(x, b, "tanh"), lg._bias_gelu_triton(x, b, "tanh"))
+        assert torch.equal(lg.gelu_layer_norm(x, b, w, b), lg._gelu_layer_norm_triton(x, b, w, b))
+        out = kernels.layer_norm(x.requires_grad_(), w, b)
+        assert type(out.grad_fn).__name__ == "LayerNormFunctionBackward"
+
+    calls = []
+    for name in ("_layer_norm_triton", "_bias_gelu_triton", "_gelu_layer_norm_triton"):
+        real = getattr(lg, name)
+        monkeypatch.setattr(lg, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    with kernels.use_backend("eager"):
+        kernels.layer_norm(x, w, b)
+        kernels.bias_gelu(x, b)
+        lg.gelu_layer_norm(x, b, w, b)
+    assert calls == []
+    with kernels.use_backend("triton"):
+        kernels.layer_norm(x, w, b)
+        kernels.bias_gelu(x, b)
+        lg.gelu_layer_norm(x, b, w, b)
+    assert calls == ["_layer_norm_triton", "_bias_gelu_triton", "_gelu_layer_norm_triton"]
+
+
+def test_minbert_triton_matches_eager(monkeypatch):
+    import minbert
+
+    calls = {"layer_norm": 0, "bias_gelu": 0}
+    for op in calls:
+        real = getattr(lg, f"_{op}_triton")
+
+        def counted(*a, _real=real, _op=op, **k):
+            calls[_op] += 1
+            return _real(*a, **k)
+        monkeypatch.setattr(lg, f"_{op}_triton", counted)
+
+    torch.manual_seed(0)
+    model = minbert.BertModel(minbert.BertConfig.preset("debug")).eval()
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(1, 211, (2, 9), generator=g)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+
+    def run(backend):
+        model.zero_grad(set_to_none=True)
+        with kernels.use_backend(backend), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ops without a kernel yet say so once
+            out = model(ids, mask)
+        (out.last_hidden_state.square().mean() + out.pooler_output.sum()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out.last_hidden_state.detach(), out.pooler_output.detach(), grads
+
+    eager = run("eager")
+    assert calls == {"layer_norm": 0, "bias_gelu": 0}
+    triton_ = run("triton")
+    assert calls["layer_norm"] == 5 and calls["bias_gelu"] == 2  # embeddings + 2 per layer; 1 per layer
+    tol = max(ATOL[torch.float32], 1e-4)
+    for a, b in zip(triton_[:2], eager[:2]):
+        assert (a - b).abs().max().item() <= tol
+    assert triton_[2].keys() == eager[2].keys()
+    for name, grad in eager[2].items():
+        err = (triton_[2][name] - grad).abs().max().item()
+        assert err <= tol * max(1.0, grad.abs().max().item()), f"grad {name}: {err:.3g}"
+
+
+# ----------------------------------------------------------------------------- the error-budget helper
+def _gelu_case(kernel_fn) -> OpCase:
+    def make_inputs(device, dtype, seed):
+        g = torch.Generator().manual_seed(seed)
+        return dict(x=torch.randn(4, 16, generator=g).to(device, dtype).requires_grad_(),
+                    bias=torch.randn(16, generator=g).to(device, dtype).requires_grad_(),
+                    approximate="none")
+    return OpCase("helper", make_inputs, kernel_fn, kernels.bias_gelu_ref)
+
+
+@pytest.mark.parametrize("dtype, offset", [
+    pytest.param(torch.float32, 1e-2, id="float32"),
+    pytest.param(torch.float16, 1e-2, id="float16"),
+    pytest.param(torch.bfloat16, 1e-1, id="bfloat16"),  # 1e-2 is below bf16's resolution at ~3
+])
+def test_helper_fails_a_wrong_kernel(dtype, offset):
+    wrong = _gelu_case(lambda **kw: kernels.bias_gelu_ref(**kw) + offset)
+    by_what = {c.what: c for c in compare_case(wrong, "cpu", dtype)}
+    assert set(by_what) == {"out", "grad x", "grad bias"}
+    assert not by_what["out"].ok and by_what["out"].err >= 0.9 * offset
+    assert by_what["grad x"].ok  # adding a constant leaves the gradients right
+    with pytest.raises(AssertionError, match=r"FAIL helper \[.*\] out: err"):
+        assert_case(wrong, "cpu", dtype)
+    assert all(c.ok for c in compare_case(_gelu_case(kernels.bias_gelu_ref), "cpu", dtype))
+
+
+def test_helper_catches_nan_and_missing_gradients():
+    def nan_kernel(x, bias, approximate):
+        y = kernels.bias_gelu_ref(x, bias, approximate)
+        return torch.where(torch.arange(16) == 3, torch.nan, y)
+
+    nan = {c.what: c for c in compare_case(_gelu_case(nan_kernel), "cpu", torch.float32)}
+    assert not nan["out"].ok and "NaN/inf in kernel output" in nan["out"].where
+
+    def detached(x, bias, approximate):
+        return kernels.bias_gelu_ref(x.detach(), bias.detach(), approximate)
+
+    missing = {c.what: c for c in compare_case(_gelu_case(detached), "cpu", torch.float32)}
+    assert missing["out"].ok and not missing["grad x"].ok and not missing["grad bias"].ok
+    assert "no tensor" in missing["grad x"].where
+
+
+# ----------------------------------------------------------------------------- report hooks
+def test_compile_specs_are_complete():
+    specs = lg.compile_specs()
+    assert {s.kernel for s in specs} >= {
+        "_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel", "_bias_gelu_fwd_kernel",
+        "_bias_gelu_bwd_kernel", "_gelu_layer_norm_fwd_kernel", "_gelu_layer_norm_bwd_kernel",
+        "_weight_grad_reduce_kernel", "_dropout_mask_kernel"}
+    for s in specs:
+        assert list(s.signature) == s.fn.arg_names, s.label
+        constexpr = {k for k, t in s.signature.items() if t == "constexpr"}
+        assert constexpr == set(s.constexprs), s.label
+    labels = " ".join(s.label for s in specs)
+    for n in (384, 768, 1024, 4096):  # every hidden size the compile report checks has its config
+        assert f"BLOCK_N={lg._row_config(n)[0]} warps={lg._row_config(n)[1]}" in labels
+
+
+def test_io_cases_run_and_bound_traffic():
+    cases = lg.io_cases(8, 32, torch.bfloat16)
+    assert len(cases) == 4
+    for case in cases:
+        assert case.lower_bound_bytes > 0 and case.flops > 0
+        k, e = case.run_kernel(), case.run_eager()
+        assert len(k) == len(e)
+        for a, b in zip(k, e):
+            assert a.shape == b.shape and a.dtype == b.dtype
