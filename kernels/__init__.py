@@ -5,6 +5,7 @@ Public API (each op dispatches on the backend chosen by ``set_backend`` / ``$MIN
   - ``layer_norm(x, weight, bias, eps=1e-12, residual=None, dropout_p=0.0, seed=None)``
   - ``bias_gelu(x, bias, approximate="none")``
   - ``gelu_layer_norm(x, bias, weight, ln_bias, eps=1e-12, approximate="none")``
+  - ``FusedAdamW(params, lr, betas, eps, weight_decay, master_weights=False, max_grad_norm=None)``
 """
 import os as _os
 
@@ -16,6 +17,7 @@ if _os.environ.get("TRITON_INTERPRET") == "1":
     _interpreter.install()
 
 from ._backend import BACKENDS, default_backend, get_backend, set_backend, use_backend  # noqa: E402
+from .adamw import FusedAdamW, adamw_ref  # noqa: E402
 from .attention import attention, attention_ref  # noqa: E402
 from .layernorm_gelu import (  # noqa: E402
     LayerNorm,
@@ -31,5 +33,5 @@ __all__ = [
     "BACKENDS", "default_backend", "get_backend", "set_backend", "use_backend",
     "attention", "attention_ref",
     "layer_norm", "layer_norm_ref", "bias_gelu", "bias_gelu_ref", "gelu_layer_norm",
-    "gelu_layer_norm_ref", "LayerNorm",
+    "gelu_layer_norm_ref", "LayerNorm", "FusedAdamW", "adamw_ref",
 ]

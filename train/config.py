@@ -94,7 +94,9 @@ class ScheduleConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["adamw", "fused_adamw"] = "adamw"  # torch.optim.AdamW, or kernels.FusedAdamW
+    # kernels.FusedAdamW ("fused_adamw") or torch.optim.AdamW ("adamw"); "auto": fused on CUDA
+    # (on CPU the Triton optimizer only runs in the interpreter, a correctness tool)
+    name: Literal["auto", "adamw", "fused_adamw"] = "auto"
     lr: float = 5e-5
     head_lr: float | None = None  # learning rate of the task heads (None = lr)
     weight_decay: float = 0.01

@@ -123,10 +123,12 @@ def build_optimizer(cfg: TrainConfig, model: MultitaskBert) -> torch.optim.Optim
     param_groups = [{"params": ps, "weight_decay": 0.0 if no_decay else o.weight_decay,
                      "lr": (o.head_lr or o.lr) if is_head else o.lr}
                     for (is_head, no_decay), ps in sorted(groups.items())]
-    if o.name == "fused_adamw":
-        if not hasattr(kernels, "FusedAdamW"):
-            raise NotImplementedError("optim.name 'fused_adamw' needs kernels.FusedAdamW, which this "
-                                      "version does not have yet; use 'adamw'")
+    name = o.name
+    if name == "auto":
+        name = "fused_adamw" if torch.cuda.is_available() else "adamw"
+    if name == "fused_adamw":
+        # Clipping and the bf16 master weights are DeepSpeed's (it hands the optimizer fp32
+        # partitions and clips by deepspeed.gradient_clipping), so they stay off here.
         return kernels.FusedAdamW(param_groups, lr=o.lr, betas=o.betas, eps=o.eps)
     return torch.optim.AdamW(param_groups, lr=o.lr, betas=o.betas, eps=o.eps)
 

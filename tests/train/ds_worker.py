@@ -31,7 +31,7 @@ def base(checkpoint: str, **changes) -> dict:
         "model": {"checkpoint": checkpoint, "kernels": "eager", **NO_DROPOUT},
         "tasks": copy.deepcopy(SMALL_TASKS),
         "schedule": {"kind": "round_robin"},
-        "optim": {"lr": 1e-3, "warmup_ratio": 0.0},
+        "optim": {"name": "adamw", "lr": 1e-3, "warmup_ratio": 0.0},
         "deepspeed": {"zero_stage": 2, "bf16": True, "global_batch": 8, "micro_batch_per_device": 4},
     }
     for key, value in changes.items():  # "a.b" -> nested
@@ -48,6 +48,8 @@ def scenarios(checkpoint: str, world: int) -> dict[str, dict]:
     return {
         **{f"zero{s}": base(checkpoint, **{"deepspeed.zero_stage": s,
                                           "deepspeed.micro_batch_per_device": micro}) for s in (0, 1, 2)},
+        "zero2-fused": base(checkpoint, **{"deepspeed.micro_batch_per_device": micro,
+                                           "optim.name": "fused_adamw"}),
         "pcgrad": base(checkpoint, pcgrad=True, **{"schedule.kind": "superbatch",
                                                    "deepspeed.micro_batch_per_device": micro}),
         # Dropout on and fp32: resuming must restore the RNG as well as the model and optimizer.

@@ -21,19 +21,24 @@ from train.data import load_task
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = REPO / "tests" / "train" / "ds_worker.py"
-TWO_RANK_SCENARIOS = "zero0,zero1,zero2,pcgrad,fp32,fp32-resume,learn,nan,interrupted-save"
+TWO_RANK_SCENARIOS = "zero0,zero1,zero2,zero2-fused,pcgrad,fp32,fp32-resume,learn,nan,interrupted-save"
 ONE_PROC_SCENARIOS = "zero2,pcgrad"
 
 
-def _env() -> dict:
+def _env(interpret: bool = False) -> dict:
+    """Training here runs the eager kernels backend; the fused optimizer runs in Triton's
+    interpreter where ``interpret`` (no GPU)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("TRITON_INTERPRET", None)  # training here runs the eager backend
+    env.pop("TRITON_INTERPRET", None)
+    if interpret and not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
     return env
 
 
-def _run(cmd: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+def _run(cmd: list[str], timeout: int = 900, interpret: bool = False) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(interpret), capture_output=True, text=True,
+                          timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
                              f"{proc.stderr[-6000:]}")
@@ -62,7 +67,7 @@ def results(tiny_checkpoint, data_dir, tmp_path_factory) -> dict:
     common = ["--checkpoint", str(tiny_checkpoint), "--data", str(data_dir)]
     _run([sys.executable, str(WORKER), *common, "--out", str(out / "one"), "--scenarios", ONE_PROC_SCENARIOS])
     _run([_deepspeed(), "--num_gpus", "2", str(WORKER), *common, "--out", str(out / "two"),
-          "--scenarios", TWO_RANK_SCENARIOS])
+          "--scenarios", TWO_RANK_SCENARIOS], interpret=True)
     return {"one": json.loads((out / "one" / "results.json").read_text()),
             "two": json.loads((out / "two" / "results.json").read_text())}
 
@@ -89,6 +94,12 @@ def test_zero_stage_on_two_ranks_matches_one_process(results, stage):
     _assert_losses_close(two, one, BF16_REL)
     # The first step sees the same weights: only the forward's rounding differs.
     _assert_losses_close(two[:1], one[:1], 2e-3)
+
+
+def test_fused_adamw_under_zero2_bf16_matches_torch_adamw(results):
+    """kernels.FusedAdamW as DeepSpeed's client optimizer (fp32 partitions) trains like AdamW."""
+    _assert_losses_close(results["two"]["zero2-fused"]["losses"], results["two"]["zero2"]["losses"],
+                         BF16_REL)
 
 
 def test_pcgrad_two_ranks_equals_one_process(results):
