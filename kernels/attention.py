@@ -2,21 +2,86 @@
 
 ``attention(q, k, v, key_padding_mask, dropout_p, softmax_scale, seed)`` with q, k, v of shape
 (B, H, L, D) and ``key_padding_mask`` (B, L) bool, True = keep. A query row whose keys are all
-padding gives zeros (never NaN).
+padding gives zeros (never NaN), in the forward and in every gradient.
 
-This file holds the eager reference ``attention_ref`` (it materialises the (B, H, L, L) scores)
-and the functional form that dispatches on the kernels backend. The fused FlashAttention-style
-Triton kernel is added by the attention issue; until then the ``triton`` backend runs the
-reference.
+This file holds every layer of the op: the FlashAttention-2-style Triton kernels (``_attention_*
+_kernel``), their launchers (``attention_fwd`` / ``attention_bwd``), the autograd Function, the
+functional form that dispatches on the kernels backend, and the eager reference ``attention_ref``
+(it materialises the (B, H, L, L) scores) the kernels are tested against.
+
+What is fused. Forward: ``softmax(q k^T * scale, key-padding masked) -> dropout -> @ v`` in one
+kernel; each program owns BLOCK_M query rows of one (batch, head) and streams the keys in blocks
+of BLOCK_N with the online softmax (running max and sum in fp32), so nothing of size L x L is
+ever written to global memory; it also stores the row log-sum-exp (natural log, fp32, (B, H, L)).
+Backward (three launches, no atomics, so gradients are bitwise reproducible):
+``_attention_bwd_preprocess_kernel`` writes delta = rowsum(dO * O) (fp32, (B, H, L));
+``_attention_bwd_dkdv_kernel``: each program owns a key block and loops over the query blocks,
+recomputing P from q, k and the LSE; ``_attention_bwd_dq_kernel``: each program owns a query
+block and loops over the key blocks. The dropout mask is regenerated from the seed everywhere.
+
+Dtypes: q, k, v fp32 / fp16 / bf16 (all three alike); outputs and gradients in that dtype; scores,
+softmax statistics and every accumulator fp32. 16-bit inputs: P and dS are rounded to the input
+dtype for their matrix products (as FlashAttention does). fp32 inputs: the products run as
+``input_precision="tf32x3"`` (``FP32_INPUT_PRECISION``): three TF32 tensor-core products per
+product (each operand split into a TF32 high part and a TF32 remainder), ~fp32 accuracy (~1e-6
+relative vs ~1e-3 for plain TF32) while staying on the tensor cores (wgmma on sm_90). Plain
+"tf32" would break the fp32 error budget (2 x eager fp32's error, ``kernels.testing``) by ~100x,
+and "ieee" compiles to scalar FMAs (slower, and it spills at these tiles). The interpreter
+computes every fp32 product exactly, whatever the precision.
+
+Sizes: head dim D in ``ATTENTION_HEAD_DIMS`` = (32, 64, 128); any length 1 <= L <= 65536 (the
+dropout offset packs query and key index in 16 bits each); any B and H. q, k, v, dO may be strided
+(the (B, L, H, D) -> (B, H, L, D) transpose minBERT makes is used in place); only the last
+dimension must be contiguous (other layouts are copied). The output and the gradients take the
+layout of their input (``empty_like``): in minBERT, O lands in (B, L, H, D) order, so the
+model's ``out.transpose(1, 2).reshape(B, L, -1)`` is a view. Block sizes per (D, dtype) are in
+``_CONFIGS`` (``compile_specs()``, ``python -m bench.compile --op attention``): on sm_90 every
+``tl.dot`` becomes ``wgmma`` (num_warps a multiple of 4, the M side of each product 64 rows per
+warpgroup), and no kernel spills registers on sm_80 or sm_90 except fp32 dK/dV at D=64: 36 B of
+spill traffic on sm_90 (with dropout), 96-172 B on sm_80, because the TF32 high and low halves
+of k and v (4 x 32 registers) stay in registers across the query loop; no tile that keeps
+wgmma on sm_90 avoids it. fp32 at D=128 has no configuration (every tile spills 0.5-25 KB, see
+``_UNSUPPORTED``): the launchers reject it and ``attention`` under the triton backend runs the
+eager reference for it.
+
+Dropout: element (b, h, i, j) of P is kept when ``tl.rand(seed, offset) >= p`` with
+``offset = (b * H + h) * 2**32 + i * 2**16 + j`` (Philox-4x32-10, key = seed): the mask depends
+on (seed, b, h, i, j) only, not on block sizes, the grid or L, so the backward regenerates it
+exactly. ``seed=None`` draws a fresh seed from torch's (CPU) RNG. It is not torch's dropout
+stream: tests get the mask from ``_attention_dropout_mask`` (same formula, a tiny kernel) and
+hand it to ``attention_ref(..., dropout_mask=...)``.
+
+Known limits: self-attention only (q, k, v of one shape); no causal mask or attention bias.
+
+References:
+    FlashAttention-2: https://arxiv.org/abs/2307.08691
+    Triton fused-attention tutorial: https://triton-lang.org/main/getting-started/tutorials/06-fused-attention.html
 """
 from __future__ import annotations
 
+import math
+import os
+import warnings
+from dataclasses import dataclass
+
 import torch
+import triton
+import triton.language as tl
 
 from ._backend import dispatch
 from ._utils import apply_dropout
+from .testing import CompileSpec, IOCase, OpCase
+
+ATTENTION_HEAD_DIMS = (32, 64, 128)
+ATTENTION_MAX_LEN = 1 << 16  # dropout offsets hold the query and the key index in 16 bits each
+FP32_INPUT_PRECISION = "tf32x3"  # fp32 inputs: ~fp32-accurate products on the tensor cores
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
+_PRE_BLOCK_M = 64  # rows per program of the delta preprocess
+_MASK_BLOCK = 64  # tile of the debug dropout-mask kernel
 
 
+# ----------------------------------------------------------------------------- eager reference
 def attention_ref(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -57,7 +122,632 @@ def attention_ref(
     return torch.matmul(probs, v)  # (B, H, L, D)
 
 
-_attention_triton = None  # set by the Triton implementation (attention issue)
+# ----------------------------------------------------------------------------- shared device code
+@triton.jit
+def _dropout_keep(seed, bh, q_idx, k_idx, dropout_p):
+    """Bool tile, True where P[b, h, q_idx, k_idx] survives dropout; q_idx, k_idx broadcast.
+
+    ``tl.rand(seed, offset)`` with offset = bh * 2**32 + q_idx * 2**16 + k_idx (bh = b * H + h):
+    Philox counter (low word q_idx << 16 | k_idx, high word bh), key = seed. Independent of
+    block sizes and of L.
+    """
+    lo = (q_idx.to(tl.uint32) << 16) | k_idx.to(tl.uint32)
+    offset = (bh.to(tl.uint64) << 32) | lo.to(tl.uint64)
+    return tl.rand(seed, offset) >= dropout_p
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    Q,  # (B, H, L, D) queries, strided, last dim contiguous; its dtype is the I/O dtype
+    K,  # (B, H, L, D) keys
+    V,  # (B, H, L, D) values
+    MASK,  # (B, L) uint8 key keep-mask, 1 = real token (read when HAS_MASK)
+    O,  # (B, H, L, D) output, q's dtype, strided
+    LSE,  # (B, H, L) fp32 contiguous: natural-log log-sum-exp of each row's scaled scores
+    stride_qb, stride_qh, stride_ql,
+    stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl,
+    stride_ob, stride_oh, stride_ol,
+    stride_mb,
+    H, L, qk_scale, dropout_p, dropout_scale, seed,  # qk_scale = softmax_scale * log2(e)
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    # 1-D grid of cdiv(L, BLOCK_M) * B * H programs (no 65535 limit on B * H); program
+    # (bh, m) owns query rows [m * BLOCK_M, (m + 1) * BLOCK_M); the query tiles of one head are
+    # neighbours, so its K and V stay in L2
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(L, BLOCK_M)
+    start_m = (pid % n_tiles) * BLOCK_M
+    bh = (pid // n_tiles).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_valid = offs_m < L
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :],
+                mask=m_valid[:, None], other=0.0)  # (BLOCK_M, D)
+    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kl + offs_d[:, None]  # K^T
+    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vl + offs_d[None, :]
+    # running max (log2 units) starts finite: a row whose keys are all masked keeps m = -1e30,
+    # p = exp2(-inf) = 0 and alpha = 1, never inf - inf
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for start_n in range(0, L, BLOCK_N):
+        kn = start_n + offs_n
+        n_valid = kn < L
+        if HAS_MASK:
+            keep_key = tl.load(MASK + b * stride_mb + kn, mask=n_valid, other=0) != 0
+        else:
+            keep_key = n_valid
+        k = tl.load(k_ptrs + start_n * stride_kl, mask=n_valid[None, :], other=0.0)  # (D, BLOCK_N)
+        s = tl.dot(q, k, input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        s = tl.where(keep_key[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)  # the softmax denominator: before dropout
+        acc = acc * alpha[:, None]
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m[:, None], kn[None, :], dropout_p)
+            p = tl.where(keep, p, 0.0)
+        v = tl.load(v_ptrs + start_n * stride_vl, mask=n_valid[:, None], other=0.0)  # (BLOCK_N, D)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+        m_i = m_new
+    empty = l_i == 0.0  # every key of the row is padding
+    out = acc * (dropout_scale / tl.where(empty, 1.0, l_i))[:, None]  # acc = 0 there: zeros
+    lse = tl.where(empty, float("inf"),
+                   (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)  # ln 2
+    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=m_valid[:, None])
+    tl.store(LSE + bh * L + offs_m, lse, mask=m_valid)
+
+
+# Backward math, per (batch, head); S = scale * Q K^T, P = softmax(S) over unpadded keys,
+# Z = keep / (1 - p) (dropout), O = (P * Z) V, dO the upstream gradient:
+#   dV    = (P * Z)^T dO
+#   dP    = (dO V^T) * Z
+#   delta = rowsum(P * dP) = rowsum(dO * O)        (the preprocess kernel; it holds with dropout)
+#   dS    = P * (dP - delta[:, None])
+#   dQ    = scale * dS K,   dK = scale * dS^T Q
+# P is recomputed as exp(S - LSE); an all-padding row has LSE = +inf, so its P, dS, dQ and its
+# contributions to dK and dV are exactly 0. Queries past L load LSE = +inf: also P = 0.
+@triton.jit
+def _attention_bwd_preprocess_kernel(
+    O,  # (B, H, L, D) forward output, strided
+    DO,  # (B, H, L, D) upstream gradient, strided
+    DELTA,  # (B, H, L) fp32 contiguous: rowsum(dO * O)
+    stride_ob, stride_oh, stride_ol,
+    stride_dob, stride_doh, stride_dol,
+    H, L,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid = tl.program_id(0)  # 1-D grid over (bh, row tile), as in the forward
+    n_tiles = tl.cdiv(L, BLOCK_M)
+    start_m = (pid % n_tiles) * BLOCK_M
+    bh = (pid // n_tiles).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_valid = offs_m < L
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :],
+                mask=m_valid[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dol + offs_d[None, :],
+                 mask=m_valid[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + bh * L + offs_m, tl.sum(o * do, axis=1), mask=m_valid)
+
+
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    Q,  # (B, H, L, D) queries, strided
+    K,  # (B, H, L, D) keys
+    V,  # (B, H, L, D) values
+    MASK,  # (B, L) uint8 key keep-mask (read when HAS_MASK)
+    DO,  # (B, H, L, D) upstream gradient of O
+    LSE,  # (B, H, L) fp32 from the forward
+    DELTA,  # (B, H, L) fp32 rowsum(dO * O)
+    DK,  # (B, H, L, D) gradient of k, k's dtype, strided
+    DV,  # (B, H, L, D) gradient of v
+    stride_qb, stride_qh, stride_ql,
+    stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl,
+    stride_dob, stride_doh, stride_dol,
+    stride_dkb, stride_dkh, stride_dkl,
+    stride_dvb, stride_dvh, stride_dvl,
+    stride_mb,
+    H, L, qk_scale, sm_scale, dropout_p, dropout_scale, seed,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    # 1-D grid of cdiv(L, BLOCK_N) * B * H programs: program (bh, n) owns keys
+    # [n * BLOCK_N, (n + 1) * BLOCK_N) and loops over all query blocks. Tiles are transposed
+    # (keys x queries) so that the key block is the M side of every product (the 64-row wgmma
+    # tile on sm_90).
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(L, BLOCK_N)
+    start_n = (pid % n_tiles) * BLOCK_N
+    bh = (pid // n_tiles).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    n_valid = offs_n < L
+    if HAS_MASK:
+        keep_key = tl.load(MASK + b * stride_mb + offs_n, mask=n_valid, other=0) != 0
+    else:
+        keep_key = n_valid
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kl + offs_d[None, :],
+                mask=n_valid[:, None], other=0.0)  # (BLOCK_N, D)
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vl + offs_d[None, :],
+                mask=n_valid[:, None], other=0.0)
+    qT_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[None, :] * stride_ql + offs_d[:, None]
+    do_ptrs = DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dol + offs_d[None, :]
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    # a block of padding keys has dK = dV = 0: skip the loop
+    hi = tl.where(tl.sum(keep_key.to(tl.int32), 0) > 0, L, 0)
+    for start_m in range(0, hi, BLOCK_M):
+        qm = start_m + offs_m
+        m_valid = qm < L
+        qT = tl.load(qT_ptrs + start_m * stride_ql, mask=m_valid[None, :], other=0.0)  # (D, BLOCK_M)
+        lse = tl.load(LSE + bh * L + qm, mask=m_valid, other=float("inf")) * 1.4426950408889634
+        sT = tl.dot(k, qT, input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        pT = tl.math.exp2(tl.fma(sT, qk_scale, -lse[None, :]))  # log2 units, one rounding
+        pT = tl.where(keep_key[:, None], pT, 0.0)
+        do = tl.load(do_ptrs + start_m * stride_dol, mask=m_valid[:, None], other=0.0)  # (BLOCK_M, D)
+        dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, bh, qm[None, :], offs_n[:, None], dropout_p)
+            pdT = tl.where(keep, pT * dropout_scale, 0.0)
+            dpT = tl.where(keep, dpT * dropout_scale, 0.0)
+        else:
+            pdT = pT
+        dv = tl.dot(pdT.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+        delta = tl.load(DELTA + bh * L + qm, mask=m_valid, other=0.0)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=INPUT_PRECISION)
+    dk = dk * sm_scale
+    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkl + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=n_valid[:, None])
+    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvl + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=n_valid[:, None])
+
+
+@triton.jit
+def _attention_bwd_dq_kernel(
+    Q,  # (B, H, L, D) queries, strided
+    K,  # (B, H, L, D) keys
+    V,  # (B, H, L, D) values
+    MASK,  # (B, L) uint8 key keep-mask (read when HAS_MASK)
+    DO,  # (B, H, L, D) upstream gradient of O
+    LSE,  # (B, H, L) fp32 from the forward
+    DELTA,  # (B, H, L) fp32 rowsum(dO * O)
+    DQ,  # (B, H, L, D) gradient of q, q's dtype, strided
+    stride_qb, stride_qh, stride_ql,
+    stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl,
+    stride_dob, stride_doh, stride_dol,
+    stride_dqb, stride_dqh, stride_dql,
+    stride_mb,
+    H, L, qk_scale, sm_scale, dropout_p, dropout_scale, seed,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    # 1-D grid of cdiv(L, BLOCK_M) * B * H programs: program (bh, m) owns query rows
+    # [m * BLOCK_M, (m + 1) * BLOCK_M) and loops over all key blocks
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(L, BLOCK_M)
+    start_m = (pid % n_tiles) * BLOCK_M
+    bh = (pid // n_tiles).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_valid = offs_m < L
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :],
+                mask=m_valid[:, None], other=0.0)  # (BLOCK_M, D)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dol + offs_d[None, :],
+                 mask=m_valid[:, None], other=0.0)
+    lse = tl.load(LSE + bh * L + offs_m, mask=m_valid, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + bh * L + offs_m, mask=m_valid, other=0.0)
+    kT_ptrs = K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kl + offs_d[:, None]
+    vT_ptrs = V + b * stride_vb + h * stride_vh + offs_n[None, :] * stride_vl + offs_d[:, None]
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for start_n in range(0, L, BLOCK_N):
+        kn = start_n + offs_n
+        n_valid = kn < L
+        if HAS_MASK:
+            keep_key = tl.load(MASK + b * stride_mb + kn, mask=n_valid, other=0) != 0
+        else:
+            keep_key = n_valid
+        kT = tl.load(kT_ptrs + start_n * stride_kl, mask=n_valid[None, :], other=0.0)  # (D, BLOCK_N)
+        vT = tl.load(vT_ptrs + start_n * stride_vl, mask=n_valid[None, :], other=0.0)
+        s = tl.dot(q, kT, input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        p = tl.math.exp2(tl.fma(s, qk_scale, -lse[:, None]))  # log2 units, one rounding
+        p = tl.where(keep_key[None, :], p, 0.0)
+        dp = tl.dot(do, vT, input_precision=INPUT_PRECISION)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m[:, None], kn[None, :], dropout_p)
+            dp = tl.where(keep, dp * dropout_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=INPUT_PRECISION)
+    dq = dq * sm_scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dql + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=m_valid[:, None])
+
+
+@triton.jit
+def _attention_dropout_mask_kernel(
+    KEEP,  # (B * H, L, L) int8 keep-mask, 1 = kept (viewed as bool by the launcher)
+    L, dropout_p, seed,
+    BLOCK: tl.constexpr,
+):
+    # debug path: grid (cdiv(L, BLOCK), cdiv(L, BLOCK), B * H), the kernels' _dropout_keep
+    offs_m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs_n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    bh = tl.program_id(2).to(tl.int64)
+    keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], dropout_p)
+    tl.store(KEEP + bh * L * L + offs_m[:, None] * L + offs_n[None, :], keep.to(tl.int8),
+             mask=(offs_m[:, None] < L) & (offs_n[None, :] < L))
+
+
+# ----------------------------------------------------------------------------- launch configuration
+@dataclass(frozen=True)
+class _Tile:
+    """One kernel's launch configuration."""
+
+    block_m: int  # query rows per tile
+    block_n: int  # keys per tile
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class _AttentionConfig:
+    fwd: _Tile
+    dkdv: _Tile  # block_n: the key block a program owns; block_m: the query tile it loops over
+    dq: _Tile  # block_m: the query block a program owns; block_n: the key tile it loops over
+
+
+# (head dim, "16" for fp16/bf16 or "32" for fp32) -> tiles, chosen with bench.compile over all
+# four switch settings (2026-11, Triton 3.9): no spills on sm_80 / sm_90 (but fp32 dK/dV at D=64,
+# see the header), shared memory within both, wgmma on sm_90 (num_warps a multiple of 4 and the
+# products' M side, BLOCK_M in the forward and dQ and BLOCK_N in dK/dV, 64 rows per warpgroup).
+# Larger tiles spill (e.g. 16-bit dQ at 128 x 64 on sm_80, fp32 forwards at 64 x 32); the
+# register counts of the chosen ones are in the compile report.
+_CONFIGS: dict[tuple[int, str], _AttentionConfig] = {
+    (32, "16"): _AttentionConfig(_Tile(128, 64, 8, 3), _Tile(64, 128, 8, 2), _Tile(128, 32, 8, 2)),
+    (64, "16"): _AttentionConfig(_Tile(128, 64, 8, 3), _Tile(32, 128, 8, 2), _Tile(128, 32, 8, 2)),
+    (128, "16"): _AttentionConfig(_Tile(128, 32, 8, 2), _Tile(16, 128, 8, 2), _Tile(64, 32, 4, 2)),
+    (32, "32"): _AttentionConfig(_Tile(64, 16, 4, 2), _Tile(16, 64, 4, 2), _Tile(64, 32, 4, 2)),
+    (64, "32"): _AttentionConfig(_Tile(64, 16, 4, 2), _Tile(16, 64, 8, 2), _Tile(64, 16, 8, 2)),
+}
+# fp32 inputs with head_dim 128 have no Triton configuration: tf32x3 keeps each fp32 operand as a
+# TF32 pair, and the 64-row (wgmma) or 16-row-per-warp (mma.sync) operand tiles of a 128-wide
+# head are 64 registers per copy per thread; the backward holds two operands in pairs (256
+# registers) plus its accumulators. Every tile that fits a dot spills 0.5-25 KB on sm_80 and
+# sm_90 (bench.compile sweep, 2026-11), so ``_attention_triton`` runs the eager reference for
+# that combination (saying so once) and the launchers reject it.
+_UNSUPPORTED = {(128, torch.float32)}
+_warned_fallback = False
+
+
+def _config(head_dim: int, dtype: torch.dtype) -> _AttentionConfig:
+    return _CONFIGS[(head_dim, "32" if dtype == torch.float32 else "16")]
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    # only fp32 operands read it; 16-bit products are exact in fp32 accumulation either way
+    return FP32_INPUT_PRECISION if dtype == torch.float32 else "tf32"
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ----------------------------------------------------------------------------- launcher checks
+def _check_device(**tensors: torch.Tensor | None) -> torch.device:
+    """All tensors on one device; CPU only under Triton's interpreter (TRITON_INTERPRET=1)."""
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{name} on {d}" for name, d in devices.items())
+        raise ValueError(f"attention inputs must be on one device, got {listed}")
+    device = next(iter(devices.values()))
+    if device.type == "cpu" and not _interpreting():
+        raise ValueError("the Triton attention kernels got CPU tensors; move them to a CUDA device, "
+                         "or run Triton's interpreter by setting TRITON_INTERPRET=1 before triton "
+                         "is imported")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"the Triton attention kernels run on CUDA devices (or CPU under "
+                         f"TRITON_INTERPRET=1), got {device}")
+    return device
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               allow_unsupported: bool = False) -> tuple[int, int, int, int]:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape (batch, heads, length, head_dim), got "
+                             f"{t.dim()} dimensions {tuple(t.shape)}")
+        if t.dtype not in _SUPPORTED_DTYPES:
+            raise ValueError(f"{name} has dtype {t.dtype}; the attention kernels take float32, "
+                             "float16 or bfloat16")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but q has {tuple(q.shape)}; "
+                             "self-attention needs q, k and v of one shape (B, H, L, D)")
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype} but q has {q.dtype}; they must match")
+    B, H, L, D = q.shape
+    if D not in ATTENTION_HEAD_DIMS:
+        raise ValueError(f"head_dim {D} is not supported by the attention kernels; supported: "
+                         f"{', '.join(map(str, ATTENTION_HEAD_DIMS))}")
+    if (D, q.dtype) in _UNSUPPORTED and not allow_unsupported:
+        raise ValueError(f"head_dim {D} with {q.dtype} inputs is not supported by the attention "
+                         "kernels (tf32x3 operands of 128-wide heads spill registers); use float16 "
+                         "or bfloat16, or the eager backend")
+    if L > ATTENTION_MAX_LEN:
+        raise ValueError(f"sequence length {L} is above the maximum of {ATTENTION_MAX_LEN} "
+                         "(the dropout offsets hold a position in 16 bits)")
+    return B, H, L, D
+
+
+def _check_mask(mask: torch.Tensor | None, B: int, L: int) -> None:
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"key_padding_mask must be a tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise ValueError(f"key_padding_mask has dtype {mask.dtype}; it must be torch.bool "
+                         "(True = a real token, False = padding)")
+    if tuple(mask.shape) != (B, L):
+        raise ValueError(f"key_padding_mask has shape {tuple(mask.shape)}, expected ({B}, {L}): "
+                         "(batch, length) of q")
+
+
+def _check_dropout(dropout_p: float) -> float:
+    try:
+        dropout_p = float(dropout_p)
+    except (TypeError, ValueError):
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}") from None
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
+    return dropout_p
+
+
+def _check_seed(seed: int) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+
+
+def _resolve_seed(seed: int | None, dropout_p: float) -> int:
+    """The Philox seed: the caller's, or drawn from torch's (CPU) RNG so each call gets a fresh mask."""
+    if seed is not None:
+        _check_seed(seed)
+    if dropout_p == 0.0:
+        return 0
+    if seed is None:
+        return int(torch.randint(0, 2**31 - 1, (1,)).item())
+    return int(seed)
+
+
+def _check_scale(softmax_scale: float | None, D: int) -> float:
+    if softmax_scale is None:
+        return D ** -0.5
+    try:
+        scale = float(softmax_scale)
+    except (TypeError, ValueError):
+        raise ValueError(f"softmax_scale must be a number, got {softmax_scale!r}") from None
+    if not math.isfinite(scale):
+        raise ValueError(f"softmax_scale must be finite, got {scale}")
+    return scale
+
+
+def _kernel_layout(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dim is contiguous and in-head offsets fit in int32, else a copy."""
+    L, D = t.shape[-2], t.shape[-1]
+    ok = (t.stride(-1) == 1 or D == 1) and all(s >= 0 for s in t.stride()) \
+        and (L - 1) * t.stride(-2) + D < 2**31
+    return t if ok else t.contiguous()
+
+
+def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _mask_arg(mask: torch.Tensor | None, dummy: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(B, L) bool -> (uint8 view with unit column stride, batch stride); a uint8 view of
+    ``dummy`` (never read) when None."""
+    if mask is None:
+        return dummy.view(torch.uint8), 0
+    if mask.stride(1) != 1 and mask.shape[1] > 1:
+        mask = mask.contiguous()
+    return mask.view(torch.uint8), mask.stride(0)
+
+
+def _empty_like(t: torch.Tensor) -> torch.Tensor:
+    """An output in t's layout (minBERT: (B, L, H, D) memory seen as (B, H, L, D)) if it is
+    dense with a contiguous last dim, else contiguous."""
+    out = torch.empty_like(t)
+    return out if out.stride(-1) == 1 else torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
+# ----------------------------------------------------------------------------- launchers
+def attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    seed: int | None = None,
+):
+    """Launch ``_attention_fwd_kernel``.
+
+    Args:
+        q, k, v: (B, H, L, D), one dtype (fp32/fp16/bf16), D in ``ATTENTION_HEAD_DIMS``; strided
+            views are read in place when their last dimension is contiguous.
+        key_padding_mask: (B, L) bool, True = a real token; None = no padding.
+        dropout_p: in [0, 1); seed: Philox seed (None draws one from torch's RNG when dropout_p > 0).
+        softmax_scale: defaults to D ** -0.5.
+    Returns:
+        (o (B, H, L, D) in q's dtype and layout, lse (B, H, L) fp32 (+inf on all-padding rows),
+        the seed used, the softmax scale used).
+    """
+    B, H, L, D = _check_qkv(q, k, v)
+    _check_mask(key_padding_mask, B, L)
+    dropout_p = _check_dropout(dropout_p)
+    scale = _check_scale(softmax_scale, D)
+    device = _check_device(q=q, k=k, v=v, key_padding_mask=key_padding_mask)
+    seed = _resolve_seed(seed, dropout_p)
+    q, k, v = _kernel_layout(q), _kernel_layout(k), _kernel_layout(v)
+    o = _empty_like(q)
+    lse = torch.empty((B, H, L), dtype=torch.float32, device=device)
+    if o.numel() == 0:
+        return o, lse.fill_(float("inf")), seed, scale
+    cfg = _config(D, q.dtype).fwd
+    mask, stride_mb = _mask_arg(key_padding_mask, lse)
+    _attention_fwd_kernel[(triton.cdiv(L, cfg.block_m) * B * H,)](
+        q, k, v, mask, o, lse,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o), stride_mb,
+        H, L, scale * _LOG2E, dropout_p, 1.0 / (1.0 - dropout_p), seed,
+        HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        HAS_MASK=key_padding_mask is not None, HAS_DROPOUT=dropout_p > 0.0,
+        INPUT_PRECISION=_input_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return o, lse, seed, scale
+
+
+def attention_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    seed: int = 0,
+):
+    """Launch the delta preprocess, ``_attention_bwd_dkdv_kernel`` and ``_attention_bwd_dq_kernel``.
+
+    Args:
+        do: (B, H, L, D) upstream gradient (any strides; copied when its last dim is not contiguous).
+        q, k, v, key_padding_mask, dropout_p, softmax_scale, seed: the forward's.
+        o, lse: the forward's output and log-sum-exp.
+    Returns:
+        (dq, dk, dv), each (B, H, L, D) in its input's dtype and layout.
+    """
+    B, H, L, D = _check_qkv(q, k, v)
+    _check_mask(key_padding_mask, B, L)
+    dropout_p = _check_dropout(dropout_p)
+    scale = _check_scale(softmax_scale, D)
+    _check_seed(seed)
+    for name, t in (("do", do), ("o", o)):
+        if t.shape != q.shape or t.dtype != q.dtype:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} and dtype {t.dtype}; expected "
+                             f"{tuple(q.shape)} and {q.dtype} like q")
+    if lse.shape != (B, H, L) or lse.dtype != torch.float32 or not lse.is_contiguous():
+        raise ValueError(f"lse must be a contiguous fp32 tensor of shape ({B}, {H}, {L}), the "
+                         "forward's log-sum-exp")
+    device = _check_device(do=do, q=q, k=k, v=v, o=o, lse=lse, key_padding_mask=key_padding_mask)
+    q, k, v, o, do = (_kernel_layout(t) for t in (q, k, v, o, do))
+    dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
+    if dq.numel() == 0:
+        return dq, dk, dv
+    cfg = _config(D, q.dtype)
+    precision = _input_precision(q.dtype)
+    delta = torch.empty((B, H, L), dtype=torch.float32, device=device)
+    _attention_bwd_preprocess_kernel[(triton.cdiv(L, _PRE_BLOCK_M) * B * H,)](
+        o, do, delta, *_strides3(o), *_strides3(do), H, L,
+        HEAD_DIM=D, BLOCK_M=_PRE_BLOCK_M, num_warps=4)
+    mask, stride_mb = _mask_arg(key_padding_mask, lse)
+    common = dict(HEAD_DIM=D, HAS_MASK=key_padding_mask is not None, HAS_DROPOUT=dropout_p > 0.0,
+                  INPUT_PRECISION=precision)
+    scalars = (H, L, scale * _LOG2E, scale, dropout_p, 1.0 / (1.0 - dropout_p), seed)
+    t = cfg.dkdv
+    _attention_bwd_dkdv_kernel[(triton.cdiv(L, t.block_n) * B * H,)](
+        q, k, v, mask, do, lse, delta, dk, dv,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk),
+        *_strides3(dv), stride_mb, *scalars,
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages,
+        **common)
+    t = cfg.dq
+    _attention_bwd_dq_kernel[(triton.cdiv(L, t.block_m) * B * H,)](
+        q, k, v, mask, do, lse, delta, dq,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dq),
+        stride_mb, *scalars,
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages,
+        **common)
+    return dq, dk, dv
+
+
+def _attention_dropout_mask(shape: tuple[int, int, int] | torch.Size, p: float, seed: int,
+                            device: torch.device | str = "cpu") -> torch.Tensor:
+    """Debug path: the (B, H, L, L) bool keep-mask (True = kept) the kernels draw for (B, H, L).
+
+    It runs the kernels' ``_dropout_keep``, so ``attention_ref(..., dropout_mask=...)`` drops the
+    same probabilities as ``attention(..., dropout_p=p, seed=seed)``.
+    """
+    p = _check_dropout(p)
+    _check_seed(seed)
+    B, H, L = (int(s) for s in shape)
+    keep = torch.empty((B, H, L, L), dtype=torch.int8, device=torch.device(device))
+    if keep.numel() > 0:
+        _check_device(keep=keep)
+        grid = (triton.cdiv(L, _MASK_BLOCK), triton.cdiv(L, _MASK_BLOCK), B * H)
+        _attention_dropout_mask_kernel[grid](keep, L, p, seed, BLOCK=_MASK_BLOCK, num_warps=4)
+    return keep.view(torch.bool)
+
+
+class AttentionFunction(torch.autograd.Function):
+    """Autograd for ``attention_fwd`` / ``attention_bwd``: saves q, k, v, o and the LSE (no L x L)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_padding_mask, dropout_p, softmax_scale, seed):
+        o, lse, seed, scale = attention_fwd(q, k, v, key_padding_mask, dropout_p, softmax_scale, seed)
+        ctx.save_for_backward(q, k, v, o, lse, key_padding_mask)
+        ctx.dropout_p, ctx.scale, ctx.seed = float(dropout_p), scale, seed
+        return o
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do):
+        q, k, v, o, lse, mask = ctx.saved_tensors
+        dq, dk, dv = attention_bwd(do, q, k, v, o, lse, mask, ctx.dropout_p, ctx.scale, ctx.seed)
+        return dq, dk, dv, None, None, None, None
+
+
+def _attention_triton(q, k, v, key_padding_mask=None, dropout_p=0.0, softmax_scale=None, seed=None):
+    """Self-attention on the Triton kernels; see ``attention_ref``. Returns (B, H, L, D).
+
+    fp32 inputs with head_dim 128 (``_UNSUPPORTED``) run ``attention_ref`` instead, with a warning
+    the first time.
+    """
+    global _warned_fallback
+    if isinstance(q, torch.Tensor) and q.dim() == 4 and (q.shape[-1], q.dtype) in _UNSUPPORTED:
+        B, _, L, D = _check_qkv(q, k, v, allow_unsupported=True)  # the same checks as the kernels'
+        _check_mask(key_padding_mask, B, L)
+        _check_dropout(dropout_p)
+        _check_scale(softmax_scale, D)
+        _check_device(q=q, k=k, v=v, key_padding_mask=key_padding_mask)
+        if seed is not None:
+            _check_seed(seed)
+        if not _warned_fallback:
+            _warned_fallback = True
+            warnings.warn(f"kernels.attention: no Triton kernel for head_dim {q.shape[-1]} with "
+                          f"{q.dtype} inputs (it would spill registers); running the eager "
+                          "reference", stacklevel=2)
+        return attention_ref(q, k, v, key_padding_mask, dropout_p, softmax_scale, seed)
+    return AttentionFunction.apply(q, k, v, key_padding_mask, dropout_p, softmax_scale, seed)
 
 
 def attention(
@@ -73,3 +763,221 @@ def attention(
     impl = dispatch("attention", attention_ref, _attention_triton)
     return impl(q, k, v, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
                 softmax_scale=softmax_scale, seed=seed)
+
+
+# ----------------------------------------------------------------------------- check, compile and IO cases
+def _shape_name(B: int, H: int, L: int, D: int) -> str:
+    return f"B{B} H{H} L{L} D{D}"
+
+
+def _padding_mask(B: int, L: int, gen: torch.Generator, all_padding_row: bool) -> torch.Tensor:
+    """(B, L) bool: batch row 0 padded at the end (BERT's layout), the others random keep-masks
+    (~25% padding); the last row all padding when ``all_padding_row`` and B > 1."""
+    mask = torch.rand((B, L), generator=gen) >= 0.25
+    mask[0] = torch.arange(L) < max(1, L - L // 3)
+    if all_padding_row and B > 1:
+        mask[-1] = False
+    return mask
+
+
+def attention_case(B: int, H: int, L: int, D: int, padding: bool = True, dropout_p: float = 0.0,
+                   all_padding_row: bool = True, layout: str = "blhd",
+                   softmax_scale: float | None = None) -> OpCase:
+    """An ``OpCase`` of ``attention`` on (B, H, L, D) inputs.
+
+    Args:
+        padding: a random key-padding mask (``_padding_mask``); False passes None.
+        dropout_p: with dropout the reference gets the kernels' mask (``_attention_dropout_mask``).
+        all_padding_row: the last batch row's keys are all padding (its outputs must be zeros).
+        layout: ``"blhd"``: q, k, v are (B, L, H, D) tensors seen as (B, H, L, D), minBERT's
+            strided views; ``"bhld"``: contiguous.
+    """
+    parts = (["padded"] if padding else []) + ([f"dropout{dropout_p}"] if dropout_p else []) \
+        + ([layout] if layout != "blhd" else []) + ([f"scale{softmax_scale}"] if softmax_scale else [])
+    name = f"attention[{'+'.join(parts) or 'plain'}] {_shape_name(B, H, L, D)}"
+
+    def make_inputs(device, dtype, seed):
+        gen = torch.Generator().manual_seed(seed)
+
+        def qkv():
+            t = torch.randn((B, L, H, D), generator=gen).to(device=device, dtype=dtype)
+            t = t.transpose(1, 2) if layout == "blhd" else t.transpose(1, 2).contiguous()
+            return t.requires_grad_()
+
+        inputs = dict(q=qkv(), k=qkv(), v=qkv(),
+                      key_padding_mask=_padding_mask(B, L, gen, all_padding_row).to(device)
+                      if padding else None,
+                      dropout_p=dropout_p, softmax_scale=softmax_scale, seed=None, dropout_mask=None)
+        if dropout_p > 0:
+            inputs["seed"] = 1000 + seed
+            inputs["dropout_mask"] = _attention_dropout_mask((B, H, L), dropout_p, 1000 + seed, device)
+        return inputs
+
+    def kernel_fn(dropout_mask=None, **kw):
+        if (D, kw["q"].dtype) in _UNSUPPORTED:  # the triton backend runs the reference here
+            return attention_ref(**kw, dropout_mask=dropout_mask)
+        return _attention_triton(**kw)
+
+    case = OpCase(name, make_inputs, kernel_fn, attention_ref)
+    case.shape = (B, H, L, D)
+    return case
+
+
+def check_cases() -> list[OpCase]:
+    """The cases ``python -m kernels.check`` runs: every head dim, odd lengths, every switch."""
+    return [
+        attention_case(3, 2, 1, 32),  # one token
+        attention_case(2, 2, 7, 32, dropout_p=0.1),
+        attention_case(2, 3, 33, 64, dropout_p=0.2),
+        attention_case(2, 2, 65, 64, padding=False, layout="bhld", softmax_scale=0.3),
+        attention_case(2, 1, 130, 128, dropout_p=0.1),
+    ]
+
+
+_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_STRIDE_ARGS = {"stride_qb", "stride_qh", "stride_ql", "stride_kb", "stride_kh", "stride_kl",
+                "stride_vb", "stride_vh", "stride_vl", "stride_ob", "stride_oh", "stride_ol",
+                "stride_dob", "stride_doh", "stride_dol", "stride_dqb", "stride_dqh", "stride_dql",
+                "stride_dkb", "stride_dkh", "stride_dkl", "stride_dvb", "stride_dvh", "stride_dvl"}
+
+
+_CONSTEXPR_ARGS = {"HEAD_DIM", "BLOCK_M", "BLOCK_N", "BLOCK", "HAS_MASK", "HAS_DROPOUT",
+                   "INPUT_PRECISION"}
+
+
+def _signature(fn, dt: str) -> dict[str, str]:
+    """Triton types of every argument of an attention kernel with I/O dtype ``dt``."""
+    types = {}
+    for name in fn.arg_names:
+        if name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):
+            types[name] = f"*{dt}"
+        elif name in ("LSE", "DELTA"):
+            types[name] = "*fp32"
+        elif name == "MASK":
+            types[name] = "*u8"
+        elif name == "KEEP":
+            types[name] = "*i8"
+        elif name in ("qk_scale", "sm_scale", "dropout_p", "dropout_scale"):
+            types[name] = "fp32"
+        elif name in _CONSTEXPR_ARGS:
+            types[name] = "constexpr"
+        else:  # strides, H, L, seed
+            types[name] = "i32"
+    return types
+
+
+def compile_specs() -> list[CompileSpec]:
+    """One ``CompileSpec`` per (kernel, configuration the launcher can choose).
+
+    For every head dim (32, 64, 128) and dtype (fp32, fp16, bf16) that has a configuration: the
+    forward, dK/dV and dQ kernels with their ``_CONFIGS`` tiles in all four switch settings
+    (mask and dropout on or off: the compiler schedules each differently, and a lighter variant
+    can spill where the heavier one does not); the delta preprocess per head dim and dtype; the
+    debug dropout-mask kernel. ``attrs`` carry the divisibility-16 specialisation the
+    JIT gives the strides of minBERT's (B, L, H, D) views (multiples of D) at launch.
+    """
+    specs: list[CompileSpec] = []
+
+    def add(kernel, fn, dt, const, warps, stages, label):
+        sig = _signature(fn, dt)
+        attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, t in sig.items()
+                 if t.startswith("*") or k in _STRIDE_ARGS}
+        specs.append(CompileSpec(kernel, fn, sig, const, warps, stages, label, attrs))
+
+    for D in ATTENTION_HEAD_DIMS:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            if (D, dtype) in _UNSUPPORTED:
+                continue
+            dt = _TRITON_DTYPE[dtype]
+            cfg = _config(D, dtype)
+            variants = [("mask+dropout", True, True), ("mask", True, False),
+                        ("dropout", False, True), ("plain", False, False)]
+            for kernel, fn, tile in (("_attention_fwd_kernel", _attention_fwd_kernel, cfg.fwd),
+                                     ("_attention_bwd_dkdv_kernel", _attention_bwd_dkdv_kernel, cfg.dkdv),
+                                     ("_attention_bwd_dq_kernel", _attention_bwd_dq_kernel, cfg.dq)):
+                for vname, has_mask, has_dropout in variants:
+                    const = dict(HEAD_DIM=D, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+                                 HAS_MASK=has_mask, HAS_DROPOUT=has_dropout,
+                                 INPUT_PRECISION=_input_precision(dtype))
+                    add(kernel, fn, dt, const, tile.num_warps, tile.num_stages,
+                        f"{kernel[11:-7]} D={D} {dt} {vname} BLOCK_M={tile.block_m} "
+                        f"BLOCK_N={tile.block_n} warps={tile.num_warps} stages={tile.num_stages}")
+            add("_attention_bwd_preprocess_kernel", _attention_bwd_preprocess_kernel, dt,
+                dict(HEAD_DIM=D, BLOCK_M=_PRE_BLOCK_M), 4, 3,
+                f"bwd_preprocess D={D} {dt} BLOCK_M={_PRE_BLOCK_M} warps=4")
+    add("_attention_dropout_mask_kernel", _attention_dropout_mask_kernel, "fp32",
+        dict(BLOCK=_MASK_BLOCK), 4, 3, f"dropout mask (debug) BLOCK={_MASK_BLOCK} warps=4")
+    return specs
+
+
+def fa2_tiled_bytes(B: int, H: int, L: int, D: int, dtype: torch.dtype, has_mask: bool) -> int:
+    """Global-memory bytes of forward + backward under FlashAttention-2 tiling with ``_CONFIGS``.
+
+    Per (batch, head), with T = L * D * itemsize (one head of q, k, v, o or a gradient), S = 4 L
+    (one fp32 row statistic: LSE or delta), M = L (one mask row of bool, 0 without a mask), and
+    n_fwd = cdiv(L, fwd BLOCK_M), n_kv = cdiv(L, dK/dV BLOCK_N), n_dq = cdiv(L, dQ BLOCK_M) tiles:
+      forward:    Q once, K + V + mask once per query tile, O and LSE once:  2T + n_fwd (2T + M) + S
+      preprocess: O, dO once, delta written:                               2T + S
+      dK/dV:      K, V, mask once, Q + dO + LSE + delta once per key tile, dK, dV written:
+                                                                           4T + M + n_kv (2T + 2S)
+      dQ:         Q, dO, LSE, delta once, K + V + mask once per query tile, dQ written:
+                                                                           3T + 2S + n_dq (2T + M)
+    Rows past L are masked off and move nothing; a key block of padding only skips its loop
+    (fewer bytes than this).
+    """
+    size = torch.empty((), dtype=dtype).element_size()
+    cfg = _config(D, dtype)
+    T, S, M = L * D * size, 4 * L, L if has_mask else 0
+    n_fwd, n_kv, n_dq = (triton.cdiv(L, b) for b in (cfg.fwd.block_m, cfg.dkdv.block_n, cfg.dq.block_m))
+    per_head = (2 * T + n_fwd * (2 * T + M) + S) + (2 * T + S) \
+        + (4 * T + M + n_kv * (2 * T + 2 * S)) + (3 * T + 2 * S + n_dq * (2 * T + M))
+    return B * H * per_head
+
+
+def attention_lower_bound_bytes(B: int, H: int, L: int, D: int, dtype: torch.dtype,
+                                has_mask: bool) -> int:
+    """Distinct bytes a fused forward + backward must touch: q, k, v, dO read, O, dQ, dK, dV
+    written (8 heads of T = L * D * itemsize), the fp32 LSE the backward needs (4 L per head) and
+    the (B, L) bool mask, each counted once. The kernels' only scratch beyond it is delta (4 L
+    per head)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return B * H * (8 * L * D * size + 4 * L) + (B * L if has_mask else 0)
+
+
+def io_cases(tokens: int, hidden: int, dtype: torch.dtype) -> list[IOCase]:
+    """Forward + backward memory traffic of minBERT's attention, with a key-padding mask.
+
+    ``tokens = B * L`` and ``hidden = H * D``: D = 64 (bert-base's head dim) when it divides the
+    hidden size, else 32; one case per L in (128, 512) that divides ``tokens``, B = tokens / L.
+    (B=32, H=12, L=128 / 512, D=64) are (tokens, hidden) = (4096 / 16384, 768).
+    Lower bound: ``attention_lower_bound_bytes``; the kernels' total should not exceed
+    ``fa2_tiled_bytes`` (both formulas above). flops: the products the kernels run, 2 L^2 D each:
+    2 in the forward, 4 in dK/dV (S, dV, dP, dK) and 3 in dQ (S, dP, dQ): 18 B H L^2 D.
+    """
+    D = 64 if hidden % 64 == 0 else 32
+    if hidden % D:
+        return []
+    H = hidden // D
+    cases = []
+    for L in (128, 512):
+        if tokens % L:
+            continue
+        B = tokens // L
+        gen = torch.Generator().manual_seed(L)
+        q, k, v = (torch.randn((B, L, H, D), generator=gen).to(dtype).transpose(1, 2).requires_grad_()
+                   for _ in range(3))
+        do = torch.randn((B, H, L, D), generator=gen).to(dtype)
+        mask = torch.ones((B, L), dtype=torch.bool)
+
+        def run_kernel(q=q, k=k, v=v, do=do, mask=mask):
+            return torch.autograd.grad(_attention_triton(q, k, v, mask), (q, k, v), do)
+
+        def run_eager(q=q, k=k, v=v, do=do, mask=mask):
+            return torch.autograd.grad(attention_ref(q, k, v, mask), (q, k, v), do)
+
+        cases.append(IOCase(
+            f"attention fwd+bwd {_shape_name(B, H, L, D)} mask "
+            f"(FA2 tiled {fa2_tiled_bytes(B, H, L, D, dtype, True) / 1e6:.2f} MB)",
+            run_kernel, run_eager, attention_lower_bound_bytes(B, H, L, D, dtype, True),
+            18 * B * H * L * L * D))
+    return cases

@@ -1,0 +1,369 @@
+"""The fused attention kernels (forward, dK/dV, dQ) against the eager reference ``attention_ref``.
+
+On CPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set by tests/conftest.py
+before triton is imported). Every accuracy comparison goes through ``kernels.testing`` (error
+budget: 2x eager's error against the fp32 reference + ``ATOL[dtype]``), on the output and on dQ,
+dK and dV. Cases with dropout hand the reference the kernels' own keep-mask
+(``_attention_dropout_mask``), so forward and backward are both checked with dropout on.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+
+import pytest
+import torch
+
+import kernels
+from kernels.testing import assert_case
+
+# ``kernels.attention`` is the public function (kernels/__init__.py re-exports it), so the module
+# is taken from sys.modules
+A = importlib.import_module("kernels.attention")
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRET else "cuda"
+
+pytestmark = pytest.mark.skipif(
+    not INTERPRET and not torch.cuda.is_available(),
+    reason="Triton kernels need a CUDA GPU or TRITON_INTERPRET=1 set before triton is imported")
+
+if INTERPRET:
+    # bf16 tl.dot and fp32 -> bf16 rounding fixes of the interpreter (idempotent; kernels/__init__
+    # installs them too under TRITON_INTERPRET=1)
+    from kernels import _interpreter
+
+    _interpreter.install()
+
+# dtype and tolerance travel together: each comparison reads kernels.testing.ATOL[dtype]
+DTYPES = [pytest.param(d, id=str(d).replace("torch.", "")) for d in
+          (torch.float32, torch.float16, torch.bfloat16)]
+
+# odd lengths (1, 7, 33, 65, 130), every head dim, random padding with one all-padding batch row,
+# minBERT's strided (B, L, H, D) views and contiguous inputs, a custom softmax scale
+CASES = [
+    A.attention_case(3, 2, 1, 32),
+    A.attention_case(2, 2, 7, 32),
+    A.attention_case(2, 3, 33, 64),
+    A.attention_case(2, 2, 65, 64, padding=False, layout="bhld", softmax_scale=0.3),
+    A.attention_case(2, 1, 130, 128),
+]
+DROPOUT_CASES = [
+    A.attention_case(2, 2, 33, 32, dropout_p=0.2),
+    A.attention_case(2, 1, 70, 64, dropout_p=0.1, layout="bhld"),
+    A.attention_case(2, 1, 130, 128, dropout_p=0.1),
+]
+
+
+def _qkv(B, H, L, D, dtype=torch.float32, seed=0, requires_grad=True):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn((B, L, H, D), generator=g).to(DEVICE, dtype).transpose(1, 2)
+            .requires_grad_(requires_grad) for _ in range(3)]
+
+
+def _grid(cases):
+    """(case, dtype) pairs with a Triton kernel: fp32 x D=128 has none (tested on its own below)."""
+    return [pytest.param(c, d.values[0], id=f"{c.name}-{d.id}") for c in cases for d in DTYPES
+            if (c.shape[-1], d.values[0]) not in A._UNSUPPORTED]
+
+
+# ----------------------------------------------------------------------------- accuracy
+@pytest.mark.parametrize("case, dtype", _grid(CASES))
+def test_matches_reference(case, dtype):
+    assert_case(case, DEVICE, dtype)
+
+
+@pytest.mark.parametrize("case, dtype", _grid(DROPOUT_CASES))
+def test_matches_reference_with_dropout(case, dtype):
+    assert_case(case, DEVICE, dtype)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case, dtype", _grid([
+    A.attention_case(2, 2, 257, 64, dropout_p=0.1),
+    A.attention_case(2, 1, 513, 128),
+    A.attention_case(1, 1, 1023, 32, dropout_p=0.1),
+    A.attention_case(1, 1, 2048, 64, dropout_p=0.1, all_padding_row=False),
+]))
+def test_large_shapes(case, dtype):
+    assert_case(case, DEVICE, dtype)
+
+
+def test_check_cases_cover_every_switch():
+    """``python -m kernels.check`` runs these in every dtype: every head dim, dropout on and off,
+    padding on and off, both layouts, length 1."""
+    names = " ".join(c.name for c in A.check_cases())
+    for part in ("D32", "D64", "D128", "dropout", "plain" if "plain" in names else "bhld", "L1 "):
+        assert part in names, part
+    assert "padded" in names
+
+
+# ----------------------------------------------------------------------------- padding
+def test_all_padding_rows_give_zeros_and_zero_grads():
+    q, k, v = _qkv(2, 2, 19, 32, seed=1)
+    mask = torch.ones(2, 19, dtype=torch.bool, device=DEVICE)
+    mask[1] = False  # every key of batch row 1 is padding
+    mask[0, 11:] = False
+    out = A._attention_triton(q, k, v, mask, dropout_p=0.3, seed=4)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    out.backward(torch.randn_like(out))
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+        assert torch.equal(t.grad[1], torch.zeros_like(t.grad[1]))
+    # padded keys of batch 0 get no gradient either
+    assert torch.equal(k.grad[0, :, 11:], torch.zeros_like(k.grad[0, :, 11:]))
+    assert torch.equal(v.grad[0, :, 11:], torch.zeros_like(v.grad[0, :, 11:]))
+
+
+# ----------------------------------------------------------------------------- dropout
+def test_dropout_kept_fraction():
+    for p in (0.1, 0.5):
+        keep = A._attention_dropout_mask((2, 4, 384), p, seed=3, device=DEVICE)
+        assert keep.dtype == torch.bool and keep.shape == (2, 4, 384, 384)
+        assert abs(keep.float().mean().item() - (1 - p)) <= 0.01
+
+
+def test_dropout_mask_depends_on_position_only(monkeypatch):
+    big = A._attention_dropout_mask((2, 3, 80), 0.5, seed=11, device=DEVICE)
+    small = A._attention_dropout_mask((2, 3, 21), 0.5, seed=11, device=DEVICE)  # other L
+    assert torch.equal(small, big[:, :, :21, :21])
+    monkeypatch.setattr(A, "_MASK_BLOCK", 16)  # other tile
+    assert torch.equal(A._attention_dropout_mask((2, 3, 80), 0.5, seed=11, device=DEVICE), big)
+    assert not torch.equal(big[0, 0], big[0, 1]) and not torch.equal(big[0, 0], big[1, 0])
+    assert not torch.equal(big, A._attention_dropout_mask((2, 3, 80), 0.5, seed=12, device=DEVICE))
+
+
+def test_dropout_independent_of_kernel_tiles(monkeypatch):
+    """Other block sizes drop the same elements: outputs and grads agree to rounding."""
+    q, k, v = _qkv(2, 2, 45, 32, seed=2)
+    mask = torch.rand(2, 45, generator=torch.Generator().manual_seed(0)) > 0.2
+    do = torch.randn(2, 2, 45, 32)
+
+    def run():
+        ins = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out = A._attention_triton(*ins, mask, dropout_p=0.3, seed=9)
+        out.backward(do)
+        return [out.detach()] + [t.grad for t in ins]
+
+    first = run()
+    tiles = A._AttentionConfig(A._Tile(16, 32, 4, 2), A._Tile(32, 16, 4, 2), A._Tile(16, 16, 4, 2))
+    monkeypatch.setitem(A._CONFIGS, (32, "32"), tiles)
+    second = run()
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_seed_reproducible_and_drawn_when_none():
+    q, k, v = _qkv(1, 2, 17, 32, requires_grad=False)
+
+    def run(seed):
+        return A._attention_triton(q, k, v, dropout_p=0.3, seed=seed)
+
+    assert torch.equal(run(5), run(5))
+    assert not torch.equal(run(5), run(6))
+    torch.manual_seed(123)
+    first, second = run(None), run(None)
+    assert not torch.equal(first, second)  # a fresh mask each call
+    torch.manual_seed(123)
+    assert torch.equal(run(None), first)  # drawn from torch's RNG
+
+
+# ----------------------------------------------------------------------------- determinism, layouts
+def test_backward_bitwise_deterministic():
+    q, k, v = _qkv(2, 2, 37, 32, dtype=torch.bfloat16, seed=3)
+    mask = torch.ones(2, 37, dtype=torch.bool)
+    mask[1, 30:] = False
+    do = torch.randn(2, 2, 37, 32, generator=torch.Generator().manual_seed(4)).bfloat16()
+    out = A._attention_triton(q, k, v, mask, dropout_p=0.1, seed=21)
+    first = torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
+    for _ in range(19):  # 20 backward runs in all
+        again = torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
+
+
+def test_strided_inputs_are_read_in_place_and_match_contiguous():
+    q, k, v = _qkv(2, 3, 21, 64, seed=5)
+    assert not q.is_contiguous()
+    mask = torch.ones(2, 21, dtype=torch.bool)
+    mask[0, 15:] = False
+    cq, ck, cv = (t.detach().contiguous().requires_grad_() for t in (q, k, v))
+    out, ref = A._attention_triton(q, k, v, mask), A._attention_triton(cq, ck, cv, mask)
+    assert torch.equal(out, ref)
+    # the output takes q's (B, L, H, D) memory order: minBERT's transpose + reshape is a view
+    assert out.transpose(1, 2).is_contiguous()
+    dy = torch.randn(2, 21, 3, 64).transpose(1, 2)  # a strided upstream gradient
+    out.backward(dy)
+    ref.backward(dy.contiguous())
+    for a, b in zip((q, k, v), (cq, ck, cv)):
+        assert torch.equal(a.grad, b.grad)
+        assert a.grad.stride() == a.stride()
+    # an expanded upstream gradient (stride 0), as out.sum() gives
+    g = torch.autograd.grad(A._attention_triton(cq, ck, cv, mask).sum(), (cq, ck, cv))
+    g_ref = torch.autograd.grad(A._attention_triton(cq, ck, cv, mask), (cq, ck, cv),
+                                torch.ones(2, 3, 21, 64))
+    for a, b in zip(g, g_ref):
+        assert torch.equal(a, b)
+
+
+def test_empty_inputs():
+    for shape in [(0, 2, 5, 32), (2, 2, 0, 32)]:
+        q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
+        out = A._attention_triton(q, k, v)
+        assert out.shape == shape
+        out.sum().backward()
+        assert q.grad.shape == shape
+
+
+# ----------------------------------------------------------------------------- input checks
+def test_bad_inputs_raise_value_error(monkeypatch):
+    q, k, v = _qkv(2, 2, 5, 32, requires_grad=False)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    fwd = A.attention_fwd
+    with pytest.raises(ValueError, match="head_dim 48 is not supported.*32, 64, 128"):
+        fwd(*(torch.randn(2, 2, 5, 48) for _ in range(3)))
+    with pytest.raises(ValueError, match=r"k has shape \(2, 2, 6, 32\) but q has \(2, 2, 5, 32\)"):
+        fwd(q, torch.randn(2, 2, 6, 32), v)
+    with pytest.raises(ValueError, match=r"v has dtype torch.float16 but q has torch.float32"):
+        fwd(q, k, v.half())
+    with pytest.raises(ValueError, match="q has dtype torch.int32"):
+        fwd(*(torch.zeros(2, 2, 5, 32, dtype=torch.int32) for _ in range(3)))
+    with pytest.raises(ValueError, match=r"q must have shape \(batch, heads, length, head_dim\)"):
+        fwd(*(torch.randn(2, 5, 32) for _ in range(3)))
+    with pytest.raises(ValueError, match=r"key_padding_mask has shape \(2, 6\), expected \(2, 5\)"):
+        fwd(q, k, v, torch.ones(2, 6, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"key_padding_mask has dtype torch.int64; it must be torch.bool"):
+        fwd(q, k, v, torch.ones(2, 5, dtype=torch.long))
+    for p in (1.0, -0.1):
+        with pytest.raises(ValueError, match=r"dropout_p must lie in \[0, 1\)"):
+            fwd(q, k, v, mask, dropout_p=p)
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        fwd(q, k, v, dropout_p=0.1, seed=-1)
+    with pytest.raises(ValueError, match="attention inputs must be on one device.*k on meta"):
+        fwd(q, torch.empty(2, 2, 5, 32, device="meta"), v)
+    with pytest.raises(ValueError, match="key_padding_mask on meta"):
+        fwd(q, k, v, torch.ones(2, 5, dtype=torch.bool, device="meta"))
+    # through the public function too
+    with pytest.raises(ValueError, match="head_dim 16 is not supported"), kernels.use_backend("triton"):
+        kernels.attention(*(torch.randn(1, 1, 3, 16) for _ in range(3)))
+    # CPU tensors need the interpreter: the check is called with the variable removed
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="got CPU tensors.*TRITON_INTERPRET=1"):
+        A._check_device(q=q)
+
+
+def test_fp32_head_dim_128_runs_the_reference(monkeypatch):
+    """No Triton configuration for fp32 x D=128 (it spills registers): the launcher says so and
+    the functional form runs ``attention_ref``, warning once."""
+    q, k, v = _qkv(1, 2, 9, 128, seed=8)
+    with pytest.raises(ValueError, match="head_dim 128 with torch.float32 inputs is not supported"):
+        A.attention_fwd(q, k, v)
+    monkeypatch.setattr(A, "_warned_fallback", False)
+    with pytest.warns(UserWarning, match="no Triton kernel for head_dim 128 with torch.float32"):
+        out = A._attention_triton(q, k, v, dropout_p=0.0)
+    assert torch.equal(out, A.attention_ref(q, k, v))
+    with pytest.raises(ValueError, match=r"key_padding_mask has shape"):  # same input checks
+        A._attention_triton(q, k, v, torch.ones(1, 8, dtype=torch.bool))
+
+
+# ----------------------------------------------------------------------------- dispatch and minBERT
+def test_public_function_dispatches_to_triton(monkeypatch):
+    q, k, v = _qkv(1, 2, 9, 32, seed=6)
+    with kernels.use_backend("triton"):
+        out = kernels.attention(q, k, v)
+    assert type(out.grad_fn).__name__ == "AttentionFunctionBackward"
+    with kernels.use_backend("eager"):
+        assert out.grad_fn is not None and type(kernels.attention(q, k, v).grad_fn).__name__ != \
+            "AttentionFunctionBackward"
+
+
+def test_minbert_embedded_checkpoint_triton_matches_eager(monkeypatch):
+    """minBERT (all-MiniLM-L6-v2, head_dim 32) forward + backward, triton vs eager backends.
+
+    Tolerance: the kernels' error budget at model level. Both backends are compared with the
+    eager model run in fp64; the triton run's error on the last hidden state and on every
+    parameter gradient must be at most 2x eager fp32's own error plus 1e-5 x max(1, the tensor's
+    largest value). The relative floor (~80 fp32 ulps) covers fp32 rounding noise amplified
+    through six layers' backward, which differs between two correct fp32 implementations that
+    sum in another order (measured: up to 4e-6 relative for both backends, and key-bias
+    gradients, exactly 0 in exact arithmetic, are pure noise for both); a wrong mask, scale or
+    probability gives errors of 1e-3 relative and more.
+    """
+    import minbert
+
+    model = minbert.BertModel.from_pretrained().eval()
+    tok = minbert.Tokenizer.from_pretrained()
+    enc = tok(["the quick brown fox jumps over the lazy dog near the river bank",
+               "a short padded one"])
+    ids, mask = enc.input_ids, enc.attention_mask
+    assert ids.shape[1] >= 12 and int(mask[1].sum()) < ids.shape[1]
+    g = torch.Generator().manual_seed(7)
+
+    def run(m, backend, dtype):
+        m.zero_grad(set_to_none=True)
+        with kernels.use_backend(backend), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ops without a kernel yet say so once
+            out = m(ids, mask)
+        h = out.last_hidden_state
+        (h * weights.to(dtype)).sum().backward()
+        return h.detach().double(), {n: p.grad.double() for n, p in m.named_parameters()
+                                     if p.grad is not None}
+
+    weights = torch.randn(ids.shape + (model.config.hidden_size,), generator=g)
+    calls = []
+    real = A._attention_triton
+
+    def counted(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(A, "_attention_triton", counted)
+        tri = run(model, "triton", torch.float32)
+    assert len(calls) == model.config.num_hidden_layers  # the kernel ran in every layer
+    eager = run(model, "eager", torch.float32)
+    ref = run(model.double(), "eager", torch.float64)
+
+    def check(what, t, e, r):
+        err, eager_err = (t - r).abs().max().item(), (e - r).abs().max().item()
+        budget = 2 * eager_err + 1e-5 * max(1.0, r.abs().max().item())
+        assert err <= budget, f"{what}: triton err {err:.3g} > budget {budget:.3g} (eager {eager_err:.3g})"
+
+    check("last_hidden_state", tri[0], eager[0], ref[0])
+    assert tri[1].keys() == eager[1].keys() == ref[1].keys()
+    for name in ref[1]:
+        check(f"grad {name}", tri[1][name], eager[1][name], ref[1][name])
+
+
+# ----------------------------------------------------------------------------- report hooks
+def test_compile_specs_cover_every_config():
+    specs = A.compile_specs()
+    kernels_ = {s.kernel for s in specs}
+    assert kernels_ == {"_attention_fwd_kernel", "_attention_bwd_preprocess_kernel",
+                        "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel",
+                        "_attention_dropout_mask_kernel"}
+    for s in specs:
+        assert list(s.signature) == s.fn.arg_names, s.label
+        assert {k for k, t in s.signature.items() if t == "constexpr"} == set(s.constexprs), s.label
+    seen = {(s.kernel, s.constexprs.get("HEAD_DIM"), s.signature.get("Q"), s.constexprs.get("BLOCK_M"),
+             s.constexprs.get("BLOCK_N"), s.num_warps, s.num_stages) for s in specs}
+    for (D, kind), cfg in A._CONFIGS.items():
+        for dt in (("*fp32",) if kind == "32" else ("*fp16", "*bf16")):
+            for kernel, t in (("_attention_fwd_kernel", cfg.fwd), ("_attention_bwd_dkdv_kernel", cfg.dkdv),
+                              ("_attention_bwd_dq_kernel", cfg.dq)):
+                assert (kernel, D, dt, t.block_m, t.block_n, t.num_warps, t.num_stages) in seen
+
+
+def test_io_traffic_matches_formulas():
+    """Measured bytes of a small case: total = the FA2 tiled formula, unique = lower bound + delta."""
+    from bench.io import measure_case
+
+    (case,) = [c for c in A.io_cases(128, 64, torch.bfloat16) if "L128" in c.name]  # B1 H1 L128 D64
+    row = measure_case(case, with_eager=True)
+    B, H, L, D = 1, 1, 128, 64
+    assert row["lower_bound"] == A.attention_lower_bound_bytes(B, H, L, D, torch.bfloat16, True)
+    assert row["unique"] == row["lower_bound"] + 4 * B * H * L  # + delta, nothing L x L
+    assert row["total"] == A.fa2_tiled_bytes(B, H, L, D, torch.bfloat16, True)
+    assert row["eager"] > row["total"]
