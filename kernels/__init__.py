@@ -5,6 +5,7 @@ Public API (each op dispatches on the backend chosen by ``set_backend`` / ``$MIN
   - ``layer_norm(x, weight, bias, eps=1e-12, residual=None, dropout_p=0.0, seed=None)``
   - ``bias_gelu(x, bias, approximate="none")``
   - ``gelu_layer_norm(x, bias, weight, ln_bias, eps=1e-12, approximate="none")``
+  - ``simcse_loss(z1, z2, temperature=0.05, hard_negatives=None)``
   - ``FusedAdamW(params, lr, betas, eps, weight_decay, master_weights=False, max_grad_norm=None)``
 """
 import os as _os
@@ -19,6 +20,7 @@ if _os.environ.get("TRITON_INTERPRET") == "1":
 from ._backend import BACKENDS, default_backend, get_backend, set_backend, use_backend  # noqa: E402
 from .adamw import FusedAdamW, adamw_ref  # noqa: E402
 from .attention import attention, attention_ref  # noqa: E402
+from .simcse_loss import SimCSELoss, simcse_loss, simcse_loss_ref  # noqa: E402
 from .layernorm_gelu import (  # noqa: E402
     LayerNorm,
     bias_gelu,
@@ -34,4 +36,5 @@ __all__ = [
     "attention", "attention_ref",
     "layer_norm", "layer_norm_ref", "bias_gelu", "bias_gelu_ref", "gelu_layer_norm",
     "gelu_layer_norm_ref", "LayerNorm", "FusedAdamW", "adamw_ref",
+    "simcse_loss", "simcse_loss_ref", "SimCSELoss",
 ]
