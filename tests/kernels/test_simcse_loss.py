@@ -130,7 +130,7 @@ def test_nothing_of_n_by_n_is_allocated(monkeypatch):
         big = S._Tile(256, 256, 4, 1)
         monkeypatch.setattr(S, "_CONFIGS", {(768, "32"): S._SimCSEConfig(32, big, big, big)})
     g = torch.Generator().manual_seed(0)
-    z1, z2, hn = (torch.randn(N, d, generator=g, device=DEVICE).requires_grad_() for _ in range(3))
+    z1, z2, hn = (torch.randn(N, d, generator=g).to(DEVICE).requires_grad_() for _ in range(3))
     with _Allocations() as kernel_allocs:
         loss = S._simcse_loss_triton(z1, z2, 0.05, hn)
         grads = torch.autograd.grad(loss, (z1, z2, hn))
