@@ -142,6 +142,58 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class SimCSEConfig:
+    """The optional contrastive stage run before the multitask stage (``train.simcse``)."""
+
+    enabled: bool = False
+    # unsup: each sentence of every task's training file twice through the model, dropout the
+    # only noise; sup: (anchor, positive, hard negative) triples from Quora and STS
+    mode: Literal["unsup", "sup"] = "unsup"
+    epochs: int = 1  # passes over the stage's data
+    max_steps: int | None = None  # stop after this many steps (None = all epochs)
+    max_examples: int | None = None  # a seeded random N sentences (unsup) or triples (sup)
+    # sentences (unsup) or triples (sup) per step over all ranks; each rank encodes its share in
+    # one forward and the embeddings are gathered, so every row sees the whole batch as negatives
+    global_batch: int = 64
+    lr: float = 3e-5
+    warmup_ratio: float = 0.0
+    temperature: float = 0.05
+    max_length: int = 32  # tokens per sentence
+    # mean of the real tokens (how the embedded all-MiniLM-L6-v2 was trained) or the BERT pooler
+    # on [CLS] (the SimCSE paper's MLP over [CLS])
+    pooling: Literal["cls", "mean"] = "mean"
+    sts_threshold: float = 4.0  # sup: STS pairs scored at least this are positives
+    eval_max: int | None = None  # zero-shot STS on a seeded random N of the dev pairs (None = all)
+
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise ConfigError(f"simcse.epochs must be >= 1, got {self.epochs}")
+        for name in ("max_steps", "max_examples", "eval_max"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"simcse.{name} must be >= 1 or null, got {value}")
+        if self.global_batch < 2:
+            raise ConfigError(f"simcse.global_batch must be >= 2 (in-batch negatives), got "
+                              f"{self.global_batch}")
+        if self.lr <= 0:
+            raise ConfigError(f"simcse.lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"simcse.warmup_ratio must lie in [0, 1), got {self.warmup_ratio}")
+        if not self.temperature > 0:
+            raise ConfigError(f"simcse.temperature must be > 0, got {self.temperature}")
+        if self.max_length < 8:
+            raise ConfigError(f"simcse.max_length must be >= 8, got {self.max_length}")
+        if not 0.0 <= self.sts_threshold <= 5.0:
+            raise ConfigError(f"simcse.sts_threshold must lie in [0, 5], got {self.sts_threshold}")
+
+    def per_rank_batch(self, world_size: int) -> int:
+        if self.global_batch % world_size:
+            raise ConfigError(f"simcse.global_batch ({self.global_batch}) is not a multiple of the "
+                              f"world size ({world_size})")
+        return self.global_batch // world_size
+
+
+@dataclass
 class TrainConfig:
     name: str = "run"
     seed: int = 0
@@ -156,6 +208,7 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    simcse: SimCSEConfig = field(default_factory=SimCSEConfig)
 
     def __post_init__(self):
         if self.epochs < 1:
@@ -205,6 +258,18 @@ class TrainConfig:
                 out["csv_monitor"] = {"enabled": True, "output_path": monitor_dir, "job_name": self.name}
             if ds.monitor_tensorboard:
                 out["tensorboard"] = {"enabled": True, "output_path": monitor_dir, "job_name": self.name}
+        return out
+
+    def simcse_deepspeed_config(self, world_size: int) -> dict:
+        """The DeepSpeed JSON of the SimCSE stage: the multitask stage's ZeRO stage, precision
+        and clipping; the stage's batch, one forward per rank per step (no accumulation: the
+        in-batch negatives must all be in one loss)."""
+        out = self.deepspeed_config(world_size, monitor_dir="")  # the monitors are the multitask stage's
+        out.pop("csv_monitor", None)
+        out.pop("tensorboard", None)
+        out.update(train_batch_size=self.simcse.global_batch,
+                   train_micro_batch_size_per_gpu=self.simcse.per_rank_batch(world_size),
+                   gradient_accumulation_steps=1)
         return out
 
     def to_dict(self) -> dict:

@@ -11,6 +11,7 @@ runs with different world sizes but the same global batch see the same data.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -77,6 +78,16 @@ def _device(local_rank: int) -> torch.device:
     return torch.device(name, local_rank)
 
 
+def start_process(cfg: TrainConfig) -> tuple[int, int, torch.device]:
+    """Join the process group, pick this rank's device, choose the kernels backend; returns
+    (rank, world size, device)."""
+    rank, world, local_rank = init_distributed()
+    device = _device(local_rank)
+    if cfg.model.kernels != "auto":
+        kernels.set_backend(cfg.model.kernels)
+    return rank, world, device
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
@@ -99,13 +110,19 @@ def _set_rng_state(state: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- model and optimizer
-def build_model(cfg: TrainConfig) -> MultitaskBert:
+def build_encoder(cfg: TrainConfig, checkpoint: str | Path | None = None) -> BertModel:
+    """The BERT encoder from ``checkpoint`` (default: the config's), with the config's dropout."""
     changes = {}
     if cfg.model.hidden_dropout is not None:
         changes["hidden_dropout_prob"] = cfg.model.hidden_dropout
     if cfg.model.attention_dropout is not None:
         changes["attention_probs_dropout_prob"] = cfg.model.attention_dropout
-    bert = BertModel.from_pretrained(cfg.model.checkpoint, config_changes=changes)
+    return BertModel.from_pretrained(checkpoint if checkpoint is not None else cfg.model.checkpoint,
+                                     config_changes=changes)
+
+
+def build_model(cfg: TrainConfig, checkpoint: str | Path | None = None) -> MultitaskBert:
+    bert = build_encoder(cfg, checkpoint)
     spec = MultitaskSpec(
         tasks={t: HeadSpec(form=getattr(cfg.tasks, t).form, pooling=getattr(cfg.tasks, t).pooling,
                            head=getattr(cfg.tasks, t).head) for t in cfg.tasks.enabled()},
@@ -113,9 +130,12 @@ def build_model(cfg: TrainConfig) -> MultitaskBert:
     return MultitaskBert(bert, spec)
 
 
-def build_optimizer(cfg: TrainConfig, model: MultitaskBert) -> torch.optim.Optimizer:
-    """AdamW with no weight decay on biases and LayerNorm weights; heads may have their own lr."""
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, lr: float | None = None) -> torch.optim.Optimizer:
+    """AdamW with no weight decay on biases and LayerNorm weights; heads may have their own lr.
+    ``lr``: the encoder's learning rate instead of ``cfg.optim.lr`` (the SimCSE stage's)."""
     o = cfg.optim
+    if lr is not None:
+        o = dataclasses.replace(o, lr=lr)
     groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         no_decay = name.endswith("bias") or "LayerNorm" in name
@@ -133,8 +153,10 @@ def build_optimizer(cfg: TrainConfig, model: MultitaskBert) -> torch.optim.Optim
     return torch.optim.AdamW(param_groups, lr=o.lr, betas=o.betas, eps=o.eps)
 
 
-def lr_lambda(cfg: TrainConfig, total_steps: int):
-    warmup = int(cfg.optim.warmup_ratio * total_steps)
+def lr_lambda(cfg: TrainConfig, total_steps: int, warmup_ratio: float | None = None):
+    """Linear warm-up over ``warmup_ratio`` (default ``cfg.optim.warmup_ratio``) of the steps,
+    then ``cfg.optim.lr_schedule``'s decay."""
+    warmup = int((cfg.optim.warmup_ratio if warmup_ratio is None else warmup_ratio) * total_steps)
     kind = cfg.optim.lr_schedule
 
     def factor(step: int) -> float:
@@ -162,17 +184,17 @@ class StepResult:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path,
-                 resume: str | Path | None = None, progress: bool = True):
+                 resume: str | Path | None = None, progress: bool = True,
+                 init_checkpoint: str | Path | None = None):
+        """``init_checkpoint``: start the encoder from this HF directory (the SimCSE stage's
+        result) instead of ``cfg.model.checkpoint``; the tokenizer stays the config's."""
         import deepspeed
 
         self.cfg = cfg
         self.data_dir, self.out_dir = Path(data_dir), Path(out_dir)
-        self.rank, self.world, local_rank = init_distributed()
-        self.device = _device(local_rank)
+        self.rank, self.world, self.device = start_process(cfg)
         self.is_main = self.rank == 0
         self.show_progress = progress and self.is_main
-        if cfg.model.kernels != "auto":
-            kernels.set_backend(cfg.model.kernels)
         self.accum = cfg.deepspeed.grad_accum(self.world)  # checks the batch sizes first
         seed_everything(cfg.seed)
 
@@ -185,7 +207,7 @@ class Trainer:
         self.samplers = {t: TaskSampler(len(self.train_data[t]), cfg.seed, i)
                          for i, t in enumerate(self.tasks)}
 
-        model = build_model(cfg)
+        model = build_model(cfg, init_checkpoint)
         optimizer = build_optimizer(cfg, model)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, self.schedule.total_steps))
         monitor_dir = str(self.out_dir / "monitor")
@@ -475,10 +497,7 @@ def save_multitask(state: dict, bert_config, spec: MultitaskSpec, tokenizer: Tok
     built under a temporary name and swapped in, so a crash never leaves a half-written one."""
     from safetensors.torch import save_file
 
-    directory = Path(directory)
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = fresh_temp_dir(directory)
     bert = BertModel(bert_config)
     bert.load_state_dict({k[len("bert."):]: v for k, v in state.items() if k.startswith("bert.")})
     bert.save_pretrained(tmp)
@@ -487,6 +506,22 @@ def save_multitask(state: dict, bert_config, spec: MultitaskSpec, tokenizer: Tok
               str(tmp / "heads.safetensors"))
     meta = {"spec": spec.to_dict(), **(extra or {})}
     (tmp / "multitask.json").write_text(json.dumps(meta, indent=2) + "\n")
+    swap_in(tmp, directory)
+
+
+def fresh_temp_dir(directory: str | Path) -> Path:
+    """An empty ``<directory>.tmp`` to build ``directory`` in (see ``swap_in``)."""
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def swap_in(tmp: Path, directory: str | Path) -> None:
+    """Replace ``directory`` by the complete ``tmp`` (renames only: a crash leaves the old one or
+    the new one, never a half-written one)."""
+    directory = Path(directory)
     old = directory.with_name(directory.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if directory.exists():

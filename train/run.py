@@ -4,6 +4,9 @@
               [--resume DIR] [--key.sub value ...]
     python train/run.py ...            # one process, the same code path
 
+With ``simcse.enabled`` the contrastive stage (``train/simcse.py``) runs first and the multitask
+stage starts from its encoder (``OUT/simcse``).
+
 ``--key.sub value`` overrides any config field (e.g. ``--optim.lr 3e-5 --epochs 1``).
 """
 from __future__ import annotations
@@ -67,9 +70,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from train.loop import Trainer, TrainingError, load_multitask
     from train.predict import write_all
+    from train.simcse import REPORT, STAGE_DIR, run_stage
 
     try:
-        trainer = Trainer(cfg, args.data, out, resume=args.resume, progress=not args.no_progress)
+        init_checkpoint, simcse_report = None, None
+        if cfg.simcse.enabled and args.resume is None:
+            init_checkpoint, simcse_report = run_stage(cfg, args.data, out, progress=not args.no_progress)
+        elif cfg.simcse.enabled and (out / STAGE_DIR / REPORT).is_file():  # resuming: weights come
+            simcse_report = json.loads((out / STAGE_DIR / REPORT).read_text())  # from the checkpoint
+        trainer = Trainer(cfg, args.data, out, resume=args.resume, progress=not args.no_progress,
+                          init_checkpoint=init_checkpoint)
         result = trainer.fit()
     except (TrainingError, ConfigError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -85,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     if trainer.is_main:
         summary = {"name": cfg.name, "best_dev_overall": result["best_score"], "best_dev": scores,
                    "steps": trainer.step, "out": str(out)}
+        if simcse_report is not None:
+            summary["simcse"] = {k: simcse_report[k] for k in
+                                 ("mode", "steps", "zero_shot_sts_before", "zero_shot_sts_after")}
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(json.dumps(summary, indent=2), flush=True)
     if dist.is_initialized():

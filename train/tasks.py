@@ -56,32 +56,44 @@ def _world() -> tuple[int, int]:
 @torch.no_grad()
 def predict(model, tokenizer: Tokenizer, task: str, examples: Sequence, form: str, max_length: int,
             batch_size: int, device: torch.device, progress=None) -> torch.Tensor:
-    """Decided predictions (class ids, 0/1, or similarity) for ``examples``, in their order.
+    """Decided predictions (class ids, 0/1, or similarity) for ``examples``, in their order,
+    computed over the ranks (``sharded_map``)."""
+    def run(batch: list) -> torch.Tensor:
+        kwargs, _, _ = encode_batch(tokenizer, task, batch, form, max_length, device)
+        return MultitaskBert.decide(task, model(task, **kwargs)).float().cpu()
 
-    With several ranks each rank runs an equal number of batches over its share (ZeRO-3 needs
-    every rank in every forward) and the shares are gathered on every rank.
+    return sharded_map(run, examples, batch_size, _length, progress)
+
+
+@torch.no_grad()
+def sharded_map(fn, items: Sequence, batch_size: int, length, progress=None) -> torch.Tensor:
+    """``fn(batch) -> tensor of len(batch) rows`` over ``items``, split over the ranks; every rank
+    gets the whole result, rows in the order of ``items``.
+
+    Each rank runs the same number of batches over its share (ZeRO-3 needs every rank in every
+    forward; a rank out of items runs a dummy batch). Items go longest first (``length(item)``),
+    so batches hold sequences of similar length (little padding); the ranks take turns along
+    that order.
     """
     rank, world = _world()
-    # Longest first, so batches hold sentences of similar length (little padding); the ranks
-    # take turns along that order.
-    order = sorted(range(len(examples)), key=lambda i: -_length(examples[i]))
+    if not items:
+        return torch.zeros(0)
+    order = sorted(range(len(items)), key=lambda i: -length(items[i]))
     mine = order[rank::world]
-    n_batches = math.ceil(math.ceil(len(examples) / world) / batch_size) if examples else 0
+    n_batches = math.ceil(math.ceil(len(items) / world) / batch_size)
     out: list[torch.Tensor] = []
     for b in range(n_batches):
         idx = mine[b * batch_size:(b + 1) * batch_size]
-        batch = [examples[i] for i in idx] or [examples[0]]  # a dummy batch keeps ranks in step
-        kwargs, _, _ = encode_batch(tokenizer, task, batch, form, max_length, device)
-        pred = MultitaskBert.decide(task, model(task, **kwargs)).float().cpu()
-        out.append(pred[:len(idx)])
+        batch = [items[i] for i in idx] or [items[0]]  # a dummy batch keeps ranks in step
+        out.append(fn(batch)[:len(idx)])
         if progress is not None:
             progress.update(len(idx) * world)
-    local = torch.cat(out) if out else torch.zeros(0)
+    local = torch.cat(out)
     gathered: list = [local]
     if world > 1:
         gathered = [None] * world
         dist.all_gather_object(gathered, local)
-    result = torch.zeros(len(examples))
+    result = torch.zeros((len(items), *local.shape[1:]), dtype=local.dtype)
     for r, part in enumerate(gathered):
         result[torch.tensor(order[r::world], dtype=torch.long)] = part
     return result

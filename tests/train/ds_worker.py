@@ -18,7 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from train.config import TrainConfig, from_dict  # noqa: E402
 from minbert.heads import MultitaskBert  # noqa: E402
+from minbert.model import BertModel  # noqa: E402
 from train.loop import Trainer, TrainingError, latest_checkpoint  # noqa: E402
+from train.simcse import SimCSEStage  # noqa: E402
 
 NO_DROPOUT = {"hidden_dropout": 0.0, "attention_dropout": 0.0, "head_dropout": 0.0}
 SMALL_TASKS = {t: {"max_train": 48, "max_eval": 8, "max_length": 32} for t in ("sst", "quora", "sts")}
@@ -60,7 +62,61 @@ def scenarios(checkpoint: str, world: int) -> dict[str, dict]:
                                                          "deepspeed.micro_batch_per_device": micro,
                                                          "tasks.quora.enabled": False,
                                                          "model.hidden_dropout": 0.1}),
+        # SimCSE stage then a multitask start from it; no dropout: deterministic, so 2 ranks and
+        # 1 process (same global batch of 8 triples) can be compared step by step
+        "simcse-sup": base(checkpoint, simcse=dict(SIMCSE, mode="sup"),
+                           **{"deepspeed.micro_batch_per_device": micro}),
+        "simcse-unsup": base(checkpoint, simcse=dict(SIMCSE, mode="unsup", max_steps=16),
+                             **{"deepspeed.micro_batch_per_device": micro, "model.hidden_dropout": 0.1}),
     }
+
+
+SIMCSE = {"enabled": True, "global_batch": 8, "max_examples": 256, "max_steps": 6, "eval_max": 24,
+          "max_length": 24, "lr": 1e-3, "temperature": 0.1}
+
+
+def simcse_scenario(cfg: TrainConfig, data: str, out: Path) -> dict:
+    """Run the stage, then build the multitask trainer from its result (no multitask steps)."""
+    stage = SimCSEStage(cfg, data, out, progress=False)
+    report = stage.run()
+    stage.close()
+    trainer = Trainer(cfg, data, out, progress=False, init_checkpoint=out / "simcse")
+    exported = BertModel.from_pretrained(out / "simcse").state_dict()
+    start = trainer.engine.module.bert.state_dict()
+    # the multitask engine holds bf16 copies of the exported fp32 weights
+    mismatch = max(float((start[k].float() - v.to(start[k].dtype).float()).abs().max())
+                   for k, v in exported.items())
+    return {"losses": stage.losses, "report": report, "start_mismatch": mismatch,
+            "gather_check": gather_check()}
+
+
+def gather_check() -> dict:
+    """``gather_rows`` + the world-size loss scale + DeepSpeed-style gradient averaging give the
+    gradient of the whole batch's loss (computed here on one process for comparison)."""
+    import torch
+    import torch.distributed as dist
+
+    import kernels
+    from train.simcse import gather_rows
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(0)  # the same data and weights on every rank
+    w = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    x, y, h = (torch.randn(8, 5, generator=g, dtype=torch.float64) for _ in range(3))
+    n = 8 // world
+    mine = slice(rank * n, (rank + 1) * n)
+    w_dist = w.clone().requires_grad_()
+    z1, z2, hn = (gather_rows(t[mine] @ w_dist.T) for t in (x, y, h))
+    loss = kernels.simcse_loss_ref(z1, z2, 0.5, hn)
+    (loss * world).backward()
+    grad = w_dist.grad.clone()
+    dist.all_reduce(grad)
+    grad /= world
+    w_full = w.clone().requires_grad_()
+    full = kernels.simcse_loss_ref(x @ w_full.T, y @ w_full.T, 0.5, h @ w_full.T)
+    full.backward()
+    return {"loss_diff": abs(float(loss) - float(full)),
+            "grad_diff": float((grad - w_full.grad).abs().max()), "grad_scale": float(w_full.grad.abs().max())}
 
 
 def main() -> int:
@@ -116,6 +172,9 @@ def main() -> int:
                 pass
             resumed = Trainer(cfg, args.data, out / name, resume=out / name, progress=False)
             results[name] = {"latest": str(latest_checkpoint(out / name)), "resumed_step": resumed.step}
+            continue
+        if name.startswith("simcse"):
+            results[name] = simcse_scenario(from_dict(TrainConfig, table[name]), args.data, out / name)
             continue
         trainer = Trainer(from_dict(TrainConfig, table[name]), args.data, out / name, progress=False)
         trainer.fit()

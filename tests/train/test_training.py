@@ -21,8 +21,9 @@ from train.data import load_task
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = REPO / "tests" / "train" / "ds_worker.py"
-TWO_RANK_SCENARIOS = "zero0,zero1,zero2,zero2-fused,pcgrad,fp32,fp32-resume,learn,nan,interrupted-save"
-ONE_PROC_SCENARIOS = "zero2,pcgrad"
+TWO_RANK_SCENARIOS = ("zero0,zero1,zero2,zero2-fused,pcgrad,fp32,fp32-resume,learn,nan,interrupted-save,"
+                      "simcse-sup,simcse-unsup")
+ONE_PROC_SCENARIOS = "zero2,pcgrad,simcse-sup"
 
 
 def _env(interpret: bool = False) -> dict:
@@ -137,6 +138,46 @@ def test_interrupted_save_keeps_the_previous_checkpoint(results):
     assert r["resumed_step"] == 1
 
 
+# ----------------------------------------------------------------------------- SimCSE stage
+def test_simcse_on_two_ranks_scores_the_whole_batch_like_one_process(results):
+    """Gathered embeddings: each row meets all 8 - 1 in-batch negatives on 2 ranks as on 1."""
+    two, one = results["two"]["simcse-sup"]["losses"], results["one"]["simcse-sup"]["losses"]
+    assert len(two) == len(one) == 6
+    _assert_losses_close([{"simcse": v} for v in two[:1]], [{"simcse": v} for v in one[:1]], 2e-3)
+    _assert_losses_close([{"simcse": v} for v in two], [{"simcse": v} for v in one], BF16_REL)
+
+
+def test_simcse_gather_and_loss_scale_give_the_whole_batch_gradient(results):
+    check = results["two"]["simcse-sup"]["gather_check"]  # fp64, 2 ranks vs one process
+    assert check["loss_diff"] <= 1e-12
+    assert check["grad_diff"] <= 1e-12 * check["grad_scale"] and check["grad_scale"] > 0
+
+
+def test_simcse_unsupervised_loss_falls(results):
+    losses = results["two"]["simcse-unsup"]["losses"]
+    assert len(losses) == 16
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    assert last < 0.5 * first, f"unsupervised SimCSE loss did not fall: {first:.3f} -> {last:.3f}"
+
+
+@pytest.mark.parametrize("scenario", ["simcse-sup", "simcse-unsup"])
+def test_simcse_report_and_multitask_start(results, scenario):
+    r = results["two"][scenario]
+    report = r["report"]
+    assert report["mode"] == scenario.split("-")[1] and report["world_size"] == 2
+    assert report["steps"] == len(r["losses"])
+    for when in ("before", "after"):
+        z = report[f"zero_shot_sts_{when}"]
+        assert z["pairs"] == 24 and -1 <= z["pearson"] <= 1 and -1 <= z["spearman"] <= 1
+    # the zero-shot evaluation is split over the ranks: the same numbers as one process
+    assert report["zero_shot_sts_before"] == results["one"]["simcse-sup"]["report"]["zero_shot_sts_before"]
+    # training moved the encoder; the multitask stage starts exactly from the exported encoder
+    assert report["zero_shot_sts_after"] != report["zero_shot_sts_before"]
+    assert r["start_mismatch"] == 0.0
+    if scenario == "simcse-sup":
+        assert report["data"]["triples"] == 256
+
+
 # ----------------------------------------------------------------------------- entry point
 def _read_predictions(path: Path) -> tuple[list[str], dict[str, str]]:
     lines = path.read_text().splitlines()
@@ -154,7 +195,9 @@ def test_run_py_two_ranks_writes_predictions_for_every_test_id(tiny_checkpoint, 
            "--model.checkpoint", str(tiny_checkpoint), "--steps_per_epoch", "3",
            "--deepspeed.global_batch", "8", "--deepspeed.micro_batch_per_device=4",
            "--tasks.sts.form", "bi", "--tasks.sts.head", "cosine", "--tasks.quora.pooling", "mean",
-           "--deepspeed.monitor_csv", "true", "--log_every", "1"]
+           "--deepspeed.monitor_csv", "true", "--log_every", "1",
+           "--simcse.enabled", "true", "--simcse.mode", "sup", "--simcse.max_steps", "2",
+           "--simcse.global_batch", "8", "--simcse.eval_max", "16"]
     for task in ("sst", "quora", "sts"):
         cmd += [f"--tasks.{task}.max_eval", "32"]
     _run(cmd)
@@ -162,7 +205,14 @@ def test_run_py_two_ranks_writes_predictions_for_every_test_id(tiny_checkpoint, 
     assert summary["steps"] == 3 and set(summary["best_dev"]) == {"sst", "quora", "sts", "overall"}
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     steps = [r for r in log if "loss" in r]
-    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert [r["step"] for r in steps if "stage" not in r] == [1, 2, 3]
+    simcse_log = [r for r in log if r.get("stage") == "simcse"]
+    assert [r.get("when") for r in simcse_log] == ["before", None, None, "after"]
+    assert [r["step"] for r in simcse_log[1:3]] == [1, 2]
+    assert summary["simcse"]["steps"] == 2
+    assert summary["simcse"]["zero_shot_sts_before"] == simcse_log[0]["zero_shot_sts"]
+    assert BertModel.from_pretrained(out / "simcse").config.hidden_size == 64
+    steps = [r for r in steps if "stage" not in r]
     assert all(r["samples_per_s"] > 0 and r["tokens_per_s"] > 0 for r in steps)
     assert steps[0]["lr"] > steps[-1]["lr"] >= 0  # linear decay to 0 at the last step
     assert [r["epoch"] for r in log if "dev" in r] == [1]
