@@ -22,12 +22,12 @@ block and loops over the key blocks. The dropout mask is regenerated from the se
 Dtypes: q, k, v fp32 / fp16 / bf16 (all three alike); outputs and gradients in that dtype; scores,
 softmax statistics and every accumulator fp32. 16-bit inputs: P and dS are rounded to the input
 dtype for their matrix products (as FlashAttention does). fp32 inputs: the products run as
-``input_precision="tf32x3"`` (``FP32_INPUT_PRECISION``): three TF32 tensor-core products per
-product (each operand split into a TF32 high part and a TF32 remainder), ~fp32 accuracy (~1e-6
-relative vs ~1e-3 for plain TF32) while staying on the tensor cores (wgmma on sm_90). Plain
-"tf32" would break the fp32 error budget (2 x eager fp32's error, ``kernels.testing``) by ~100x,
-and "ieee" compiles to scalar FMAs (slower, and it spills at these tiles). The interpreter
-computes every fp32 product exactly, whatever the precision.
+"tf32x3" (``FP32_INPUT_PRECISION``): three TF32 tensor-core products per product (each operand
+split into a TF32 high part and a TF32 remainder; ``_mma`` writes them out), ~fp32 accuracy
+(~1e-6 relative vs ~1e-3 for plain TF32) while staying on the tensor cores (wgmma on sm_90).
+Plain "tf32" would break the fp32 error budget (2 x eager fp32's error, ``kernels.testing``) by
+~100x, and "ieee" compiles to scalar FMAs (slower, and it spills at these tiles). The interpreter
+computes every TF32 product exactly (so only the dropped lo x lo term differs there).
 
 Sizes: head dim D in ``ATTENTION_HEAD_DIMS`` = (32, 64, 128); any length 1 <= L <= 65536 (the
 dropout offset packs query and key index in 16 bits each); any B and H. q, k, v, dO may be strided
@@ -37,12 +37,13 @@ layout of their input (``empty_like``): in minBERT, O lands in (B, L, H, D) orde
 model's ``out.transpose(1, 2).reshape(B, L, -1)`` is a view. Block sizes per (D, dtype) are in
 ``_CONFIGS`` (``compile_specs()``, ``python -m bench.compile --op attention``): on sm_90 every
 ``tl.dot`` becomes ``wgmma`` (num_warps a multiple of 4, the M side of each product 64 rows per
-warpgroup), and no kernel spills registers on sm_80 or sm_90 except fp32 dK/dV at D=64: 36 B of
-spill traffic on sm_90 (with dropout), 96-172 B on sm_80, because the TF32 high and low halves
-of k and v (4 x 32 registers) stay in registers across the query loop; no tile that keeps
-wgmma on sm_90 avoids it. fp32 at D=128 has no configuration (every tile spills 0.5-25 KB, see
-``_UNSUPPORTED``): the launchers reject it and ``attention`` under the triton backend runs the
-eager reference for it.
+warpgroup), and no kernel spills registers on sm_80 or sm_90, for every head dim and dtype and
+all four mask / dropout variants. fp32 gets there by three measures (the note above ``_mma``):
+one accumulator for the three TF32 products, the head dim in ``D_CHUNK``-column chunks, and a
+second load of the tile a backward iteration uses first and last (k in dQ, q in dK); at D=128
+dK and dV also run as two launches (``GRADS``), because their two fp32 accumulators alone take
+128 registers a thread. The tightest fp32 kernels sit at 242-255 registers on sm_80 (dK/dV at
+every head dim, dQ at D=32 and 64); on sm_90 the fp32 kernels use at most 221.
 
 Dropout: element (b, h, i, j) of P is kept when ``tl.rand(seed, offset) >= p`` with
 ``offset = (b * H + h) * 2**32 + i * 2**16 + j`` (Philox-4x32-10, key = seed): the mask depends
@@ -61,7 +62,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -136,6 +136,62 @@ def _dropout_keep(seed, bh, q_idx, k_idx, dropout_p):
     return tl.rand(seed, offset) >= dropout_p
 
 
+# fp32 products and registers. tf32x3 splits each fp32 operand into a TF32 high part and a
+# remainder, so an operand takes twice its registers, and with Triton's own "tf32x3" fp32 dK/dV
+# at D=64 spilled and every D=128 tile spilled 0.5-25 KB. Three measures keep every fp32 kernel
+# free of spills on sm_80 and sm_90 (bench.compile, 2026-11, Triton 3.9):
+#   1. ``_mma`` writes the three products out into the caller's accumulator. Triton's "tf32x3"
+#      sums the two small products in a second accumulator that, on sm_90, is converted between
+#      wgmma layouts every iteration (fp32 forward at D=64 on sm_80: 228 -> 199 registers).
+#   2. The kernels take the head dim in D_CHUNK-column chunks (tuples of tiles; 16-bit inputs use
+#      one chunk, D_CHUNK = HEAD_DIM), so the split halves of one product are D_CHUNK wide (fp32
+#      forward at D=64: 199 -> 158 registers on sm_80, 154 -> 102 on sm_90).
+#   3. A tile used by the first and the last product of a loop iteration (k^T in dQ: S and dQ;
+#      q^T in dK/dV: S^T and dK) is loaded a second time, in the other orientation, for the last
+#      one (an L1 hit, ``fa2_tiled_bytes`` counts it) instead of keeping its split halves live
+#      across the iteration: fp32 dQ at D=128 on sm_80 goes from 255 registers + 180 B of spills
+#      to 168 registers. 16-bit inputs keep the single load.
+# At D=128 the two fp32 dK/dV accumulators alone are 128 registers a thread (16 rows x 128
+# columns per warp each), so there dK and dV run as two launches (``_AttentionConfig.split_dkdv``,
+# GRADS "dk" and "dv"), one accumulator each; S^T is computed twice (5 products instead of 4).
+@triton.jit
+def _tf32_split(x):
+    """fp32 ``x`` as ``hi + lo``: hi is x rounded to TF32 (10 mantissa bits, ties away from zero,
+    like ``cvt.rna.tf32.f32``), lo = x - hi exactly (|lo| <= 2**-11 |x|)."""
+    hi = ((x.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return hi, x - hi
+
+
+@triton.jit
+def _mma(a, b, acc, INPUT_PRECISION: tl.constexpr):
+    """``acc + a @ b``. "tf32x3" (fp32 operands): hi*hi + lo*hi + hi*lo as three TF32 tensor-core
+    products accumulated into ``acc`` (lo*lo, ~2**-22 relative, is dropped), the scheme of Triton's
+    own "tf32x3", written out so that the three products share one accumulator and its layout
+    (Triton's keeps the two small products in a separate accumulator, converted between wgmma
+    layouts every iteration). Any other precision: one ``tl.dot``."""
+    if INPUT_PRECISION == "tf32x3":
+        a_hi, a_lo = _tf32_split(a)
+        b_hi, b_lo = _tf32_split(b)
+        acc = tl.dot(a_hi, b_hi, acc, input_precision="tf32")
+        acc = tl.dot(a_lo, b_hi, acc, input_precision="tf32")
+        acc = tl.dot(a_hi, b_lo, acc, input_precision="tf32")
+    else:
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _last_operand(ptrs, mask, tile_t, INPUT_PRECISION: tl.constexpr):
+    """``tile_t^T`` for the last product of a backward iteration (k in dQ, q in dK). fp32 loads it
+    again from ``ptrs`` (an L1 hit; measure 3 of the note above ``_mma``), 16-bit transposes the
+    tile it holds."""
+    if INPUT_PRECISION == "tf32x3":
+        tile = tl.load(ptrs, mask=mask, other=0.0)
+    else:
+        tile = tl.trans(tile_t)
+    return tile
+
+
 @triton.jit
 def _attention_fwd_kernel(
     Q,  # (B, H, L, D) queries, strided, last dim contiguous; its dtype is the I/O dtype
@@ -150,12 +206,13 @@ def _attention_fwd_kernel(
     stride_ob, stride_oh, stride_ol,
     stride_mb,
     H, L, qk_scale, dropout_p, dropout_scale, seed,  # qk_scale = softmax_scale * log2(e)
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     # 1-D grid of cdiv(L, BLOCK_M) * B * H programs (no 65535 limit on B * H); program
     # (bh, m) owns query rows [m * BLOCK_M, (m + 1) * BLOCK_M); the query tiles of one head are
-    # neighbours, so its K and V stay in L2
+    # neighbours, so its K and V stay in L2. The head dim is processed in HEAD_DIM // D_CHUNK
+    # column chunks (a tuple of tiles each for q and the accumulator; one chunk = whole rows).
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(L, BLOCK_M)
     start_m = (pid % n_tiles) * BLOCK_M
@@ -164,17 +221,21 @@ def _attention_fwd_kernel(
     h = bh % H
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, D_CHUNK)
     m_valid = offs_m < L
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :],
-                mask=m_valid[:, None], other=0.0)  # (BLOCK_M, D)
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :]
     k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kl + offs_d[:, None]  # K^T
     v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vl + offs_d[None, :]
+    q = ()
+    acc = ()
+    for c in tl.static_range(HEAD_DIM // D_CHUNK):
+        # (BLOCK_M, D_CHUNK)
+        q += (tl.load(q_ptrs + c * D_CHUNK, mask=m_valid[:, None], other=0.0),)
+        acc += (tl.zeros([BLOCK_M, D_CHUNK], dtype=tl.float32),)
     # running max (log2 units) starts finite: a row whose keys are all masked keeps m = -1e30,
     # p = exp2(-inf) = 0 and alpha = 1, never inf - inf
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for start_n in range(0, L, BLOCK_N):
         kn = start_n + offs_n
         n_valid = kn < L
@@ -182,26 +243,38 @@ def _attention_fwd_kernel(
             keep_key = tl.load(MASK + b * stride_mb + kn, mask=n_valid, other=0) != 0
         else:
             keep_key = n_valid
-        k = tl.load(k_ptrs + start_n * stride_kl, mask=n_valid[None, :], other=0.0)  # (D, BLOCK_N)
-        s = tl.dot(q, k, input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for c in tl.static_range(HEAD_DIM // D_CHUNK):
+            k = tl.load(k_ptrs + start_n * stride_kl + c * D_CHUNK, mask=n_valid[None, :],
+                        other=0.0)  # (D_CHUNK, BLOCK_N)
+            s = _mma(q[c], k, s, INPUT_PRECISION)
+        s = s * qk_scale  # (BLOCK_M, BLOCK_N)
         s = tl.where(keep_key[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax denominator: before dropout
-        acc = acc * alpha[:, None]
+        scaled = ()
+        for c in tl.static_range(HEAD_DIM // D_CHUNK):
+            scaled += (acc[c] * alpha[:, None],)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m[:, None], kn[None, :], dropout_p)
             p = tl.where(keep, p, 0.0)
-        v = tl.load(v_ptrs + start_n * stride_vl, mask=n_valid[:, None], other=0.0)  # (BLOCK_N, D)
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+        acc = ()
+        for c in tl.static_range(HEAD_DIM // D_CHUNK):
+            v = tl.load(v_ptrs + start_n * stride_vl + c * D_CHUNK, mask=n_valid[:, None],
+                        other=0.0)  # (BLOCK_N, D_CHUNK)
+            acc += (_mma(p.to(v.dtype), v, scaled[c], INPUT_PRECISION),)
         m_i = m_new
     empty = l_i == 0.0  # every key of the row is padding
-    out = acc * (dropout_scale / tl.where(empty, 1.0, l_i))[:, None]  # acc = 0 there: zeros
+    out = ()
+    for c in tl.static_range(HEAD_DIM // D_CHUNK):  # acc = 0 on empty rows: zeros
+        out += (acc[c] * (dropout_scale / tl.where(empty, 1.0, l_i))[:, None],)
     lse = tl.where(empty, float("inf"),
                    (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)  # ln 2
-    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=m_valid[:, None])
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :]
+    for c in tl.static_range(HEAD_DIM // D_CHUNK):
+        tl.store(o_ptrs + c * D_CHUNK, out[c].to(O.dtype.element_ty), mask=m_valid[:, None])
     tl.store(LSE + bh * L + offs_m, lse, mask=m_valid)
 
 
@@ -259,13 +332,14 @@ def _attention_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvl,
     stride_mb,
     H, L, qk_scale, sm_scale, dropout_p, dropout_scale, seed,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    GRADS: tl.constexpr,  # "dkdv": both; "dk" or "dv": one of them (one accumulator)
 ):
     # 1-D grid of cdiv(L, BLOCK_N) * B * H programs: program (bh, n) owns keys
     # [n * BLOCK_N, (n + 1) * BLOCK_N) and loops over all query blocks. Tiles are transposed
     # (keys x queries) so that the key block is the M side of every product (the 64-row wgmma
-    # tile on sm_90).
+    # tile on sm_90). k, v, dK, dV, q and dO are tuples of HEAD_DIM // D_CHUNK column chunks.
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(L, BLOCK_N)
     start_n = (pid % n_tiles) * BLOCK_N
@@ -274,47 +348,78 @@ def _attention_bwd_dkdv_kernel(
     h = bh % H
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, D_CHUNK)
     n_valid = offs_n < L
     if HAS_MASK:
         keep_key = tl.load(MASK + b * stride_mb + offs_n, mask=n_valid, other=0) != 0
     else:
         keep_key = n_valid
-    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kl + offs_d[None, :],
-                mask=n_valid[:, None], other=0.0)  # (BLOCK_N, D)
-    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vl + offs_d[None, :],
-                mask=n_valid[:, None], other=0.0)
+    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kl + offs_d[None, :]
+    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vl + offs_d[None, :]
+    k = ()
+    v = ()
+    dk = ()
+    dv = ()
+    for c in tl.static_range(HEAD_DIM // D_CHUNK):
+        # (BLOCK_N, D_CHUNK)
+        k += (tl.load(k_ptrs + c * D_CHUNK, mask=n_valid[:, None], other=0.0),)
+        if GRADS != "dv":
+            v += (tl.load(v_ptrs + c * D_CHUNK, mask=n_valid[:, None], other=0.0),)
+        dk += (tl.zeros([BLOCK_N, D_CHUNK], dtype=tl.float32),)
+        dv += (tl.zeros([BLOCK_N, D_CHUNK], dtype=tl.float32),)
     qT_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[None, :] * stride_ql + offs_d[:, None]
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :]
     do_ptrs = DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dol + offs_d[None, :]
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     # a block of padding keys has dK = dV = 0: skip the loop
     hi = tl.where(tl.sum(keep_key.to(tl.int32), 0) > 0, L, 0)
     for start_m in range(0, hi, BLOCK_M):
         qm = start_m + offs_m
         m_valid = qm < L
-        qT = tl.load(qT_ptrs + start_m * stride_ql, mask=m_valid[None, :], other=0.0)  # (D, BLOCK_M)
+        qT = ()
+        sT = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for c in tl.static_range(HEAD_DIM // D_CHUNK):
+            qT += (tl.load(qT_ptrs + start_m * stride_ql + c * D_CHUNK, mask=m_valid[None, :],
+                           other=0.0),)  # (D_CHUNK, BLOCK_M)
         lse = tl.load(LSE + bh * L + qm, mask=m_valid, other=float("inf")) * 1.4426950408889634
-        sT = tl.dot(k, qT, input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        for c in tl.static_range(HEAD_DIM // D_CHUNK):
+            sT = _mma(k[c], qT[c], sT, INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
         pT = tl.math.exp2(tl.fma(sT, qk_scale, -lse[None, :]))  # log2 units, one rounding
         pT = tl.where(keep_key[:, None], pT, 0.0)
-        do = tl.load(do_ptrs + start_m * stride_dol, mask=m_valid[:, None], other=0.0)  # (BLOCK_M, D)
-        dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        do = ()
+        dpT = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for c in tl.static_range(HEAD_DIM // D_CHUNK):
+            do += (tl.load(do_ptrs + start_m * stride_dol + c * D_CHUNK, mask=m_valid[:, None],
+                           other=0.0),)  # (BLOCK_M, D_CHUNK)
+            if GRADS != "dv":
+                dpT = _mma(v[c], tl.trans(do[c]), dpT, INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, bh, qm[None, :], offs_n[:, None], dropout_p)
             pdT = tl.where(keep, pT * dropout_scale, 0.0)
             dpT = tl.where(keep, dpT * dropout_scale, 0.0)
         else:
             pdT = pT
-        dv = tl.dot(pdT.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
-        delta = tl.load(DELTA + bh * L + qm, mask=m_valid, other=0.0)
-        dsT = pT * (dpT - delta[None, :])
-        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=INPUT_PRECISION)
-    dk = dk * sm_scale
-    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkl + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=n_valid[:, None])
-    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvl + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=n_valid[:, None])
+        if GRADS != "dk":
+            new_dv = ()
+            for c in tl.static_range(HEAD_DIM // D_CHUNK):
+                new_dv += (_mma(pdT.to(do[c].dtype), do[c], dv[c], INPUT_PRECISION),)
+            dv = new_dv
+        if GRADS != "dv":
+            delta = tl.load(DELTA + bh * L + qm, mask=m_valid, other=0.0)
+            dsT = pT * (dpT - delta[None, :])
+            new_dk = ()
+            for c in tl.static_range(HEAD_DIM // D_CHUNK):
+                q = _last_operand(q_ptrs + start_m * stride_ql + c * D_CHUNK, m_valid[:, None],
+                                  qT[c], INPUT_PRECISION)  # (BLOCK_M, D_CHUNK)
+                new_dk += (_mma(dsT.to(q.dtype), q, dk[c], INPUT_PRECISION),)
+            dk = new_dk
+    dk_ptrs = DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkl + offs_d[None, :]
+    dv_ptrs = DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvl + offs_d[None, :]
+    for c in tl.static_range(HEAD_DIM // D_CHUNK):
+        if GRADS != "dv":
+            tl.store(dk_ptrs + c * D_CHUNK, (dk[c] * sm_scale).to(DK.dtype.element_ty),
+                     mask=n_valid[:, None])
+        if GRADS != "dk":
+            tl.store(dv_ptrs + c * D_CHUNK, dv[c].to(DV.dtype.element_ty), mask=n_valid[:, None])
 
 
 @triton.jit
@@ -334,11 +439,12 @@ def _attention_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dql,
     stride_mb,
     H, L, qk_scale, sm_scale, dropout_p, dropout_scale, seed,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     # 1-D grid of cdiv(L, BLOCK_M) * B * H programs: program (bh, m) owns query rows
-    # [m * BLOCK_M, (m + 1) * BLOCK_M) and loops over all key blocks
+    # [m * BLOCK_M, (m + 1) * BLOCK_M) and loops over all key blocks; q, dO, dQ, k and v are
+    # tuples of HEAD_DIM // D_CHUNK column chunks
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(L, BLOCK_M)
     start_m = (pid % n_tiles) * BLOCK_M
@@ -347,17 +453,23 @@ def _attention_bwd_dq_kernel(
     h = bh % H
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, D_CHUNK)
     m_valid = offs_m < L
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :],
-                mask=m_valid[:, None], other=0.0)  # (BLOCK_M, D)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dol + offs_d[None, :],
-                 mask=m_valid[:, None], other=0.0)
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :]
+    do_ptrs = DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dol + offs_d[None, :]
+    q = ()
+    do = ()
+    dq = ()
+    for c in tl.static_range(HEAD_DIM // D_CHUNK):
+        # (BLOCK_M, D_CHUNK)
+        q += (tl.load(q_ptrs + c * D_CHUNK, mask=m_valid[:, None], other=0.0),)
+        do += (tl.load(do_ptrs + c * D_CHUNK, mask=m_valid[:, None], other=0.0),)
+        dq += (tl.zeros([BLOCK_M, D_CHUNK], dtype=tl.float32),)
     lse = tl.load(LSE + bh * L + offs_m, mask=m_valid, other=float("inf")) * 1.4426950408889634
     delta = tl.load(DELTA + bh * L + offs_m, mask=m_valid, other=0.0)
     kT_ptrs = K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kl + offs_d[:, None]
     vT_ptrs = V + b * stride_vb + h * stride_vh + offs_n[None, :] * stride_vl + offs_d[:, None]
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kl + offs_d[None, :]
     for start_n in range(0, L, BLOCK_N):
         kn = start_n + offs_n
         n_valid = kn < L
@@ -365,20 +477,35 @@ def _attention_bwd_dq_kernel(
             keep_key = tl.load(MASK + b * stride_mb + kn, mask=n_valid, other=0) != 0
         else:
             keep_key = n_valid
-        kT = tl.load(kT_ptrs + start_n * stride_kl, mask=n_valid[None, :], other=0.0)  # (D, BLOCK_N)
-        vT = tl.load(vT_ptrs + start_n * stride_vl, mask=n_valid[None, :], other=0.0)
-        s = tl.dot(q, kT, input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        kT = ()
+        vT = ()
+        for c in tl.static_range(HEAD_DIM // D_CHUNK):
+            kT += (tl.load(kT_ptrs + start_n * stride_kl + c * D_CHUNK, mask=n_valid[None, :],
+                           other=0.0),)  # (D_CHUNK, BLOCK_N)
+            vT += (tl.load(vT_ptrs + start_n * stride_vl + c * D_CHUNK, mask=n_valid[None, :],
+                           other=0.0),)
+        s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for c in tl.static_range(HEAD_DIM // D_CHUNK):
+            s = _mma(q[c], kT[c], s, INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
         p = tl.math.exp2(tl.fma(s, qk_scale, -lse[:, None]))  # log2 units, one rounding
         p = tl.where(keep_key[None, :], p, 0.0)
-        dp = tl.dot(do, vT, input_precision=INPUT_PRECISION)
+        dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for c in tl.static_range(HEAD_DIM // D_CHUNK):
+            dp = _mma(do[c], vT[c], dp, INPUT_PRECISION)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m[:, None], kn[None, :], dropout_p)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=INPUT_PRECISION)
-    dq = dq * sm_scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dql + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=m_valid[:, None])
+        new_dq = ()
+        for c in tl.static_range(HEAD_DIM // D_CHUNK):
+            k = _last_operand(k_ptrs + start_n * stride_kl + c * D_CHUNK, n_valid[:, None], kT[c],
+                              INPUT_PRECISION)  # (BLOCK_N, D_CHUNK)
+            new_dq += (_mma(ds.to(k.dtype), k, dq[c], INPUT_PRECISION),)
+        dq = new_dq
+    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dql + offs_d[None, :]
+    for c in tl.static_range(HEAD_DIM // D_CHUNK):
+        tl.store(dq_ptrs + c * D_CHUNK, (dq[c] * sm_scale).to(DQ.dtype.element_ty),
+                 mask=m_valid[:, None])
 
 
 @triton.jit
@@ -405,6 +532,10 @@ class _Tile:
     block_n: int  # keys per tile
     num_warps: int
     num_stages: int
+    d_chunk: int | None = None  # head-dim columns per chunk (D_CHUNK); None: the whole head
+
+    def chunk(self, head_dim: int) -> int:
+        return head_dim if self.d_chunk is None else min(self.d_chunk, head_dim)
 
 
 @dataclass(frozen=True)
@@ -412,29 +543,32 @@ class _AttentionConfig:
     fwd: _Tile
     dkdv: _Tile  # block_n: the key block a program owns; block_m: the query tile it loops over
     dq: _Tile  # block_m: the query block a program owns; block_n: the key tile it loops over
+    split_dkdv: bool = False  # dK and dV in two launches (GRADS "dk", "dv"), one accumulator each
+
+    @property
+    def dkdv_grads(self) -> tuple[str, ...]:
+        return ("dk", "dv") if self.split_dkdv else ("dkdv",)
 
 
 # (head dim, "16" for fp16/bf16 or "32" for fp32) -> tiles, chosen with bench.compile over all
-# four switch settings (2026-11, Triton 3.9): no spills on sm_80 / sm_90 (but fp32 dK/dV at D=64,
-# see the header), shared memory within both, wgmma on sm_90 (num_warps a multiple of 4 and the
-# products' M side, BLOCK_M in the forward and dQ and BLOCK_N in dK/dV, 64 rows per warpgroup).
-# Larger tiles spill (e.g. 16-bit dQ at 128 x 64 on sm_80, fp32 forwards at 64 x 32); the
-# register counts of the chosen ones are in the compile report.
+# four switch settings (2026-11, Triton 3.9): no spills on sm_80 / sm_90, shared memory within
+# both, wgmma on sm_90 (num_warps a multiple of 4 and the products' M side, BLOCK_M in the
+# forward and dQ and BLOCK_N in dK/dV, 64 rows per warpgroup). Larger tiles spill (e.g. 16-bit dQ
+# at 128 x 64 on sm_80; fp32 dK/dV at 32 x 64, 208-272 B on sm_80); the register counts of the
+# chosen ones are in the compile report. fp32 (the note above ``_mma``): d_chunk 16 for dK/dV
+# (255 registers with dropout on sm_80 at D=64, 76 B of spills with d_chunk 64), 32 elsewhere;
+# D=128 keeps the M side at 64 rows on 4 warps (a 128-row dQ tile needs 268 KB of shared memory)
+# and splits dK/dV (one launch holding both spilled 168-588 B on sm_80 at every tile tried).
 _CONFIGS: dict[tuple[int, str], _AttentionConfig] = {
     (32, "16"): _AttentionConfig(_Tile(128, 64, 8, 3), _Tile(64, 128, 8, 2), _Tile(128, 32, 8, 2)),
     (64, "16"): _AttentionConfig(_Tile(128, 64, 8, 3), _Tile(32, 128, 8, 2), _Tile(128, 32, 8, 2)),
     (128, "16"): _AttentionConfig(_Tile(128, 32, 8, 2), _Tile(16, 128, 8, 2), _Tile(64, 32, 4, 2)),
     (32, "32"): _AttentionConfig(_Tile(64, 16, 4, 2), _Tile(16, 64, 4, 2), _Tile(64, 32, 4, 2)),
-    (64, "32"): _AttentionConfig(_Tile(64, 16, 4, 2), _Tile(16, 64, 8, 2), _Tile(64, 16, 8, 2)),
+    (64, "32"): _AttentionConfig(_Tile(64, 16, 4, 2, d_chunk=32), _Tile(16, 64, 4, 2, d_chunk=16),
+                                 _Tile(64, 16, 8, 2)),
+    (128, "32"): _AttentionConfig(_Tile(64, 16, 4, 2, d_chunk=32), _Tile(16, 64, 4, 2, d_chunk=16),
+                                  _Tile(64, 16, 4, 2, d_chunk=32), split_dkdv=True),
 }
-# fp32 inputs with head_dim 128 have no Triton configuration: tf32x3 keeps each fp32 operand as a
-# TF32 pair, and the 64-row (wgmma) or 16-row-per-warp (mma.sync) operand tiles of a 128-wide
-# head are 64 registers per copy per thread; the backward holds two operands in pairs (256
-# registers) plus its accumulators. Every tile that fits a dot spills 0.5-25 KB on sm_80 and
-# sm_90 (bench.compile sweep, 2026-11), so ``_attention_triton`` runs the eager reference for
-# that combination (saying so once) and the launchers reject it.
-_UNSUPPORTED = {(128, torch.float32)}
-_warned_fallback = False
 
 
 def _config(head_dim: int, dtype: torch.dtype) -> _AttentionConfig:
@@ -468,8 +602,7 @@ def _check_device(**tensors: torch.Tensor | None) -> torch.device:
     return device
 
 
-def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               allow_unsupported: bool = False) -> tuple[int, int, int, int]:
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int]:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
@@ -489,10 +622,6 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if D not in ATTENTION_HEAD_DIMS:
         raise ValueError(f"head_dim {D} is not supported by the attention kernels; supported: "
                          f"{', '.join(map(str, ATTENTION_HEAD_DIMS))}")
-    if (D, q.dtype) in _UNSUPPORTED and not allow_unsupported:
-        raise ValueError(f"head_dim {D} with {q.dtype} inputs is not supported by the attention "
-                         "kernels (tf32x3 operands of 128-wide heads spill registers); use float16 "
-                         "or bfloat16, or the eager backend")
     if L > ATTENTION_MAX_LEN:
         raise ValueError(f"sequence length {L} is above the maximum of {ATTENTION_MAX_LEN} "
                          "(the dropout offsets hold a position in 16 bits)")
@@ -618,7 +747,7 @@ def attention_fwd(
         q, k, v, mask, o, lse,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o), stride_mb,
         H, L, scale * _LOG2E, dropout_p, 1.0 / (1.0 - dropout_p), seed,
-        HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        HEAD_DIM=D, D_CHUNK=cfg.chunk(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         HAS_MASK=key_padding_mask is not None, HAS_DROPOUT=dropout_p > 0.0,
         INPUT_PRECISION=_input_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -674,19 +803,20 @@ def attention_bwd(
                   INPUT_PRECISION=precision)
     scalars = (H, L, scale * _LOG2E, scale, dropout_p, 1.0 / (1.0 - dropout_p), seed)
     t = cfg.dkdv
-    _attention_bwd_dkdv_kernel[(triton.cdiv(L, t.block_n) * B * H,)](
-        q, k, v, mask, do, lse, delta, dk, dv,
-        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk),
-        *_strides3(dv), stride_mb, *scalars,
-        BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages,
-        **common)
+    for grads in cfg.dkdv_grads:
+        _attention_bwd_dkdv_kernel[(triton.cdiv(L, t.block_n) * B * H,)](
+            q, k, v, mask, do, lse, delta, dk, dv,
+            *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk),
+            *_strides3(dv), stride_mb, *scalars,
+            D_CHUNK=t.chunk(D), BLOCK_M=t.block_m, BLOCK_N=t.block_n, GRADS=grads,
+            num_warps=t.num_warps, num_stages=t.num_stages, **common)
     t = cfg.dq
     _attention_bwd_dq_kernel[(triton.cdiv(L, t.block_m) * B * H,)](
         q, k, v, mask, do, lse, delta, dq,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dq),
         stride_mb, *scalars,
-        BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages,
-        **common)
+        D_CHUNK=t.chunk(D), BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps,
+        num_stages=t.num_stages, **common)
     return dq, dk, dv
 
 
@@ -727,26 +857,7 @@ class AttentionFunction(torch.autograd.Function):
 
 
 def _attention_triton(q, k, v, key_padding_mask=None, dropout_p=0.0, softmax_scale=None, seed=None):
-    """Self-attention on the Triton kernels; see ``attention_ref``. Returns (B, H, L, D).
-
-    fp32 inputs with head_dim 128 (``_UNSUPPORTED``) run ``attention_ref`` instead, with a warning
-    the first time.
-    """
-    global _warned_fallback
-    if isinstance(q, torch.Tensor) and q.dim() == 4 and (q.shape[-1], q.dtype) in _UNSUPPORTED:
-        B, _, L, D = _check_qkv(q, k, v, allow_unsupported=True)  # the same checks as the kernels'
-        _check_mask(key_padding_mask, B, L)
-        _check_dropout(dropout_p)
-        _check_scale(softmax_scale, D)
-        _check_device(q=q, k=k, v=v, key_padding_mask=key_padding_mask)
-        if seed is not None:
-            _check_seed(seed)
-        if not _warned_fallback:
-            _warned_fallback = True
-            warnings.warn(f"kernels.attention: no Triton kernel for head_dim {q.shape[-1]} with "
-                          f"{q.dtype} inputs (it would spill registers); running the eager "
-                          "reference", stacklevel=2)
-        return attention_ref(q, k, v, key_padding_mask, dropout_p, softmax_scale, seed)
+    """Self-attention on the Triton kernels; see ``attention_ref``. Returns (B, H, L, D)."""
     return AttentionFunction.apply(q, k, v, key_padding_mask, dropout_p, softmax_scale, seed)
 
 
@@ -814,8 +925,6 @@ def attention_case(B: int, H: int, L: int, D: int, padding: bool = True, dropout
         return inputs
 
     def kernel_fn(dropout_mask=None, **kw):
-        if (D, kw["q"].dtype) in _UNSUPPORTED:  # the triton backend runs the reference here
-            return attention_ref(**kw, dropout_mask=dropout_mask)
         return _attention_triton(**kw)
 
     case = OpCase(name, make_inputs, kernel_fn, attention_ref)
@@ -841,8 +950,8 @@ _STRIDE_ARGS = {"stride_qb", "stride_qh", "stride_ql", "stride_kb", "stride_kh",
                 "stride_dkb", "stride_dkh", "stride_dkl", "stride_dvb", "stride_dvh", "stride_dvl"}
 
 
-_CONSTEXPR_ARGS = {"HEAD_DIM", "BLOCK_M", "BLOCK_N", "BLOCK", "HAS_MASK", "HAS_DROPOUT",
-                   "INPUT_PRECISION"}
+_CONSTEXPR_ARGS = {"HEAD_DIM", "D_CHUNK", "GRADS", "BLOCK_M", "BLOCK_N", "BLOCK", "HAS_MASK",
+                   "HAS_DROPOUT", "INPUT_PRECISION"}
 
 
 def _signature(fn, dt: str) -> dict[str, str]:
@@ -869,8 +978,9 @@ def _signature(fn, dt: str) -> dict[str, str]:
 def compile_specs() -> list[CompileSpec]:
     """One ``CompileSpec`` per (kernel, configuration the launcher can choose).
 
-    For every head dim (32, 64, 128) and dtype (fp32, fp16, bf16) that has a configuration: the
-    forward, dK/dV and dQ kernels with their ``_CONFIGS`` tiles in all four switch settings
+    For every head dim (32, 64, 128) and dtype (fp32, fp16, bf16): the forward, dK/dV (its "dk"
+    and "dv" launches where ``split_dkdv``) and dQ kernels with their ``_CONFIGS`` tiles (and
+    D_CHUNK) in all four switch settings
     (mask and dropout on or off: the compiler schedules each differently, and a lighter variant
     can spill where the heavier one does not); the delta preprocess per head dim and dtype; the
     debug dropout-mask kernel. ``attrs`` carry the divisibility-16 specialisation the
@@ -886,22 +996,25 @@ def compile_specs() -> list[CompileSpec]:
 
     for D in ATTENTION_HEAD_DIMS:
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            if (D, dtype) in _UNSUPPORTED:
-                continue
             dt = _TRITON_DTYPE[dtype]
             cfg = _config(D, dtype)
             variants = [("mask+dropout", True, True), ("mask", True, False),
                         ("dropout", False, True), ("plain", False, False)]
-            for kernel, fn, tile in (("_attention_fwd_kernel", _attention_fwd_kernel, cfg.fwd),
-                                     ("_attention_bwd_dkdv_kernel", _attention_bwd_dkdv_kernel, cfg.dkdv),
-                                     ("_attention_bwd_dq_kernel", _attention_bwd_dq_kernel, cfg.dq)):
+            launches = [("_attention_fwd_kernel", _attention_fwd_kernel, cfg.fwd, {}, "fwd"),
+                        *(("_attention_bwd_dkdv_kernel", _attention_bwd_dkdv_kernel, cfg.dkdv,
+                           dict(GRADS=g), "bwd_dkdv" if g == "dkdv" else f"bwd_dkdv[{g}]")
+                          for g in cfg.dkdv_grads),
+                        ("_attention_bwd_dq_kernel", _attention_bwd_dq_kernel, cfg.dq, {}, "bwd_dq")]
+            for kernel, fn, tile, extra, name in launches:
                 for vname, has_mask, has_dropout in variants:
-                    const = dict(HEAD_DIM=D, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-                                 HAS_MASK=has_mask, HAS_DROPOUT=has_dropout,
-                                 INPUT_PRECISION=_input_precision(dtype))
+                    const = dict(HEAD_DIM=D, D_CHUNK=tile.chunk(D), BLOCK_M=tile.block_m,
+                                 BLOCK_N=tile.block_n, HAS_MASK=has_mask, HAS_DROPOUT=has_dropout,
+                                 INPUT_PRECISION=_input_precision(dtype), **extra)
+                    chunk = f" D_CHUNK={tile.chunk(D)}" if tile.chunk(D) < D else ""
                     add(kernel, fn, dt, const, tile.num_warps, tile.num_stages,
-                        f"{kernel[11:-7]} D={D} {dt} {vname} BLOCK_M={tile.block_m} "
-                        f"BLOCK_N={tile.block_n} warps={tile.num_warps} stages={tile.num_stages}")
+                        f"{name} D={D} {dt} {vname} BLOCK_M={tile.block_m} "
+                        f"BLOCK_N={tile.block_n}{chunk} warps={tile.num_warps} "
+                        f"stages={tile.num_stages}")
             add("_attention_bwd_preprocess_kernel", _attention_bwd_preprocess_kernel, dt,
                 dict(HEAD_DIM=D, BLOCK_M=_PRE_BLOCK_M), 4, 3,
                 f"bwd_preprocess D={D} {dt} BLOCK_M={_PRE_BLOCK_M} warps=4")
@@ -922,8 +1035,12 @@ def fa2_tiled_bytes(B: int, H: int, L: int, D: int, dtype: torch.dtype, has_mask
                                                                            4T + M + n_kv (2T + 2S)
       dQ:         Q, dO, LSE, delta once, K + V + mask once per query tile, dQ written:
                                                                            3T + 2S + n_dq (2T + M)
-    Rows past L are masked off and move nothing; a key block of padding only skips its loop
-    (fewer bytes than this).
+    fp32 (the note above ``_mma``) reads Q once more per key tile in dK and K once more per query
+    tile in dQ: + n_kv T + n_dq T; with ``split_dkdv`` the dK launch is the dK/dV line less the dV
+    write and the dV launch reads K, the mask, and Q + dO + LSE per key tile and writes dV:
+    + 2T + M + n_kv (2T + S) - T. These are the formulas the 16-bit target of ``bench.io`` is
+    held to. Rows past L are masked off and move nothing; a key block of padding only skips its
+    loop (fewer bytes than this).
     """
     size = torch.empty((), dtype=dtype).element_size()
     cfg = _config(D, dtype)
@@ -931,6 +1048,10 @@ def fa2_tiled_bytes(B: int, H: int, L: int, D: int, dtype: torch.dtype, has_mask
     n_fwd, n_kv, n_dq = (triton.cdiv(L, b) for b in (cfg.fwd.block_m, cfg.dkdv.block_n, cfg.dq.block_m))
     per_head = (2 * T + n_fwd * (2 * T + M) + S) + (2 * T + S) \
         + (4 * T + M + n_kv * (2 * T + 2 * S)) + (3 * T + 2 * S + n_dq * (2 * T + M))
+    if dtype == torch.float32:
+        per_head += n_kv * T + n_dq * T
+    if cfg.split_dkdv:
+        per_head += 2 * T + M + n_kv * (2 * T + S) - T
     return B * H * per_head
 
 

@@ -63,9 +63,8 @@ def _qkv(B, H, L, D, dtype=torch.float32, seed=0, requires_grad=True):
 
 
 def _grid(cases):
-    """(case, dtype) pairs with a Triton kernel: fp32 x D=128 has none (tested on its own below)."""
-    return [pytest.param(c, d.values[0], id=f"{c.name}-{d.id}") for c in cases for d in DTYPES
-            if (c.shape[-1], d.values[0]) not in A._UNSUPPORTED]
+    """Every (case, dtype) pair: each head dim has a Triton kernel in every dtype."""
+    return [pytest.param(c, d.values[0], id=f"{c.name}-{d.id}") for c in cases for d in DTYPES]
 
 
 # ----------------------------------------------------------------------------- accuracy
@@ -151,8 +150,14 @@ def test_dropout_independent_of_kernel_tiles(monkeypatch):
     tiles = A._AttentionConfig(A._Tile(16, 32, 4, 2), A._Tile(32, 16, 4, 2), A._Tile(16, 16, 4, 2))
     monkeypatch.setitem(A._CONFIGS, (32, "32"), tiles)
     second = run()
-    for a, b in zip(first, second):
+    # head-dim chunks and dK / dV in two launches (fp32 D=128's scheme) drop the same elements too
+    chunked = A._AttentionConfig(A._Tile(16, 32, 4, 2, d_chunk=16), A._Tile(32, 16, 4, 2, d_chunk=16),
+                                 A._Tile(16, 16, 4, 2, d_chunk=16), split_dkdv=True)
+    monkeypatch.setitem(A._CONFIGS, (32, "32"), chunked)
+    third = run()
+    for a, b, c in zip(first, second, third):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
 
 
 def test_dropout_seed_reproducible_and_drawn_when_none():
@@ -171,11 +176,14 @@ def test_dropout_seed_reproducible_and_drawn_when_none():
 
 
 # ----------------------------------------------------------------------------- determinism, layouts
-def test_backward_bitwise_deterministic():
-    q, k, v = _qkv(2, 2, 37, 32, dtype=torch.bfloat16, seed=3)
+@pytest.mark.parametrize("D, dtype", [(32, torch.bfloat16), (128, torch.float32)])
+def test_backward_bitwise_deterministic(D, dtype):
+    """No atomics: 20 backward runs give identical bits (fp32 at D=128 runs dK and dV as two
+    launches)."""
+    q, k, v = _qkv(2, 2, 37, D, dtype=dtype, seed=3)
     mask = torch.ones(2, 37, dtype=torch.bool)
     mask[1, 30:] = False
-    do = torch.randn(2, 2, 37, 32, generator=torch.Generator().manual_seed(4)).bfloat16()
+    do = torch.randn(2, 2, 37, D, generator=torch.Generator().manual_seed(4)).to(dtype)
     out = A._attention_triton(q, k, v, mask, dropout_p=0.1, seed=21)
     first = torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
     for _ in range(19):  # 20 backward runs in all
@@ -254,18 +262,16 @@ def test_bad_inputs_raise_value_error(monkeypatch):
         A._check_device(q=q)
 
 
-def test_fp32_head_dim_128_runs_the_reference(monkeypatch):
-    """No Triton configuration for fp32 x D=128 (it spills registers): the launcher says so and
-    the functional form runs ``attention_ref``, warning once."""
+def test_fp32_head_dim_128_runs_the_kernels():
+    """fp32 x D=128 has a Triton configuration (dK and dV in two launches): no eager fallback."""
     q, k, v = _qkv(1, 2, 9, 128, seed=8)
-    with pytest.raises(ValueError, match="head_dim 128 with torch.float32 inputs is not supported"):
-        A.attention_fwd(q, k, v)
-    monkeypatch.setattr(A, "_warned_fallback", False)
-    with pytest.warns(UserWarning, match="no Triton kernel for head_dim 128 with torch.float32"):
-        out = A._attention_triton(q, k, v, dropout_p=0.0)
-    assert torch.equal(out, A.attention_ref(q, k, v))
-    with pytest.raises(ValueError, match=r"key_padding_mask has shape"):  # same input checks
-        A._attention_triton(q, k, v, torch.ones(1, 8, dtype=torch.bool))
+    assert A._config(128, torch.float32).dkdv_grads == ("dk", "dv")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = A._attention_triton(q, k, v)
+    assert type(out.grad_fn).__name__ == "AttentionFunctionBackward"
+    o, lse, _, _ = A.attention_fwd(q, k, v)
+    assert torch.equal(out, o) and lse.shape == (1, 2, 9)
 
 
 # ----------------------------------------------------------------------------- dispatch and minBERT
@@ -356,14 +362,29 @@ def test_compile_specs_cover_every_config():
                 assert (kernel, D, dt, t.block_m, t.block_n, t.num_warps, t.num_stages) in seen
 
 
-def test_io_traffic_matches_formulas():
-    """Measured bytes of a small case: total = the FA2 tiled formula, unique = lower bound + delta."""
+@pytest.mark.parametrize("D, dtype", [(64, torch.bfloat16), (64, torch.float32), (128, torch.float32)],
+                         ids=["D64-bf16", "D64-fp32", "D128-fp32"])
+def test_io_traffic_matches_formulas(D, dtype):
+    """Measured bytes of a small case: total = the FA2 tiled formula (with fp32's second loads and
+    split dK/dV launches), unique = lower bound + delta."""
     from bench.io import measure_case
+    from kernels.testing import IOCase
 
-    (case,) = [c for c in A.io_cases(128, 64, torch.bfloat16) if "L128" in c.name]  # B1 H1 L128 D64
+    B, H, L = 1, 1, 128
+    if D == 64 and dtype == torch.bfloat16:  # the case bench.io measures, B1 H1 L128 D64
+        (case,) = [c for c in A.io_cases(128, 64, dtype) if "L128" in c.name]
+    else:
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn((B, L, H, D), generator=g).to(dtype).transpose(1, 2).requires_grad_()
+                   for _ in range(3))
+        do = torch.randn((B, H, L, D), generator=g).to(dtype)
+        mask = torch.ones((B, L), dtype=torch.bool)
+        case = IOCase(f"attention D{D} {dtype}",
+                      lambda: torch.autograd.grad(A._attention_triton(q, k, v, mask), (q, k, v), do),
+                      lambda: torch.autograd.grad(A.attention_ref(q, k, v, mask), (q, k, v), do),
+                      A.attention_lower_bound_bytes(B, H, L, D, dtype, True), 18 * B * H * L * L * D)
     row = measure_case(case, with_eager=True)
-    B, H, L, D = 1, 1, 128, 64
-    assert row["lower_bound"] == A.attention_lower_bound_bytes(B, H, L, D, torch.bfloat16, True)
+    assert row["lower_bound"] == A.attention_lower_bound_bytes(B, H, L, D, dtype, True)
     assert row["unique"] == row["lower_bound"] + 4 * B * H * L  # + delta, nothing L x L
-    assert row["total"] == A.fa2_tiled_bytes(B, H, L, D, torch.bfloat16, True)
+    assert row["total"] == A.fa2_tiled_bytes(B, H, L, D, dtype, True)
     assert row["eager"] > row["total"]
