@@ -85,6 +85,10 @@ from .testing import CompileSpec, IOCase, OpCase
 
 NORM_EPS = 1e-8  # the normalisation's eps: x / max(||x||, eps), reference and kernels alike
 SIMCSE_MAX_DIM = 768  # largest embedding size d with a configuration in _CONFIGS
+# Largest N that ``io_cases`` measures. N is the contrastive batch (SimCSE uses 64-512), and the
+# interpreter's cost grows as N^2: N = 4096 takes ~19 minutes on 2 cores, N = 16384 (bench.io's
+# other default token count) would take hours, so it is left out rather than left to hang.
+SIMCSE_IO_MAX_N = 4096
 FP32_INPUT_PRECISION = "tf32x3"  # fp32 inputs: ~fp32-accurate products on the tensor cores
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
@@ -946,14 +950,15 @@ def simcse_tiled_bytes(N: int, d: int, dtype: torch.dtype, hard_negatives: bool)
 def io_cases(tokens: int, hidden: int, dtype: torch.dtype) -> list[IOCase]:
     """Forward + backward memory traffic of the SimCSE loss with N = tokens pairs of d = hidden.
 
-    Two cases: unsupervised (z1, z2) and supervised (with hard negatives). Lower bound:
+    Two cases: unsupervised (z1, z2) and supervised (with hard negatives); none above
+    ``SIMCSE_IO_MAX_N`` pairs or ``SIMCSE_MAX_DIM`` dims. Lower bound:
     ``simcse_lower_bound_bytes`` (inputs read once, gradients written once; the kernels' fp32
     scratch, 4 (2N + M) bytes, and the scalar loss are not in it); the kernels' total should not
     exceed ``simcse_tiled_bytes`` (formula there). flops: the products the kernels run, 2 N M d
     each: 1 in the forward, K + 1 in dz1 and K + 1 in dc (the logits recomputed per d-chunk):
     2 N M d (2 K + 3).
     """
-    if hidden > SIMCSE_MAX_DIM:
+    if hidden > SIMCSE_MAX_DIM or tokens > SIMCSE_IO_MAX_N:
         return []
     dev = torch.device("cpu")
     cases = []

@@ -305,3 +305,11 @@ def test_io_traffic_matches_formulas(d, dtype, hn):
     assert row["lower_bound"] == 2 * (N + M) * d * size
     assert row["unique"] == row["lower_bound"] + 4 * (3 * N + M) + 4
     assert row["total"] == S.simcse_tiled_bytes(N, d, dtype, hn)
+
+
+def test_io_cases_skip_sizes_beyond_a_contrastive_batch():
+    """bench.io's default grid (tokens 4096,16384) must not queue an N = 16384 case that the
+    interpreter cannot finish; N = 4096 (the size the issue measures) stays."""
+    assert len(S.io_cases(S.SIMCSE_IO_MAX_N, 768, BF16)) == 2
+    assert S.io_cases(S.SIMCSE_IO_MAX_N + 1, 768, BF16) == []
+    assert S.io_cases(64, S.SIMCSE_MAX_DIM + 1, BF16) == []
