@@ -23,3 +23,23 @@ def apply_dropout(x: torch.Tensor, p: float, mask: torch.Tensor | None, seed: in
         g = dropout_generator(seed, x.device)
         mask = torch.rand(x.shape, generator=g, device=x.device) >= p
     return x * mask.to(x.dtype) * (1.0 / (1.0 - p))
+
+
+def dropout_seed(seed: "int | torch.Tensor | None", device: torch.device) -> torch.Tensor:
+    """The Philox key of one dropout call: an int64 tensor of shape (1,) on ``device`` that the
+    kernels load (never a Python int: no host read, and a CUDA graph replays a fresh draw).
+
+    None: drawn on ``device`` from torch's generator for that device (``torch.randint``), so
+    ``torch.manual_seed`` makes runs reproducible and each call gets its own mask. An int: that
+    value (in [0, 2**63)). A tensor: used as it is (one int64 element on ``device``).
+    """
+    if seed is None:
+        return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() != 1 or seed.dtype != torch.int64 or seed.device != torch.device(device):
+            raise ValueError(f"a seed tensor must hold one int64 on {device}, got {seed.dtype} "
+                             f"{tuple(seed.shape)} on {seed.device}")
+        return seed.reshape(1)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    return torch.tensor([seed], dtype=torch.int64, device=device)
