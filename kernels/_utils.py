@@ -43,3 +43,19 @@ def dropout_seed(seed: "int | torch.Tensor | None", device: torch.device) -> tor
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     return torch.tensor([seed], dtype=torch.int64, device=device)
+
+
+# torch.library custom ops return tensors, never None: an output nobody asked for (a gradient
+# not needed) is an empty tensor, mapped back to None by the op's autograd.
+def op_output(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """``t``, or an empty tensor on ``like``'s device when ``t`` is None."""
+    return like.new_empty(0) if t is None else t
+
+
+def fake_grad(t: torch.Tensor, needed: bool) -> torch.Tensor:
+    """A fake implementation's gradient of ``t``: contiguous like ``t``, or empty when not needed."""
+    return torch.empty_like(t, memory_format=torch.contiguous_format) if needed else t.new_empty(0)
+
+
+def needed_or_none(t: torch.Tensor, needed: bool) -> torch.Tensor | None:
+    return t if needed else None

@@ -148,6 +148,162 @@ def test_backward_regenerates_forward_mask():
     torch.testing.assert_close(x.grad[keep], r.grad[keep] / 0.75, rtol=1e-6, atol=1e-6)
 
 
+def test_dropout_threshold_rounds_p_to_16_bits():
+    assert lg._drop_threshold(0.1) == 6554 and lg._drop_threshold(0.5) == 32768
+    assert abs(lg._drop_threshold(0.1) / 65536 - 0.1) <= 2**-17
+    # eight 16-bit decisions per Philox call: with p = 0.5 each half is a fair coin, and the eight
+    # columns of a group are not copies of one another
+    keep = lg._layer_norm_dropout_mask((256, 64), 0.5, seed=5).view(256, 8, 8).float()
+    assert abs(keep.mean().item() - 0.5) <= 0.01
+    assert (keep[..., 0] != keep[..., 1]).float().mean().item() > 0.4
+
+
+def test_dropout_masks_uncorrelated_between_layers_and_steps():
+    """Two LayerNorm layers, two steps, seeds drawn from torch's generator: four masks, each
+    keeping 1 - p of the elements, pairwise uncorrelated; reseeding reproduces them."""
+    p, shape = 0.1, (64, 512)
+    x = torch.ones(shape, device=DEVICE)
+    layers = [kernels.LayerNorm(shape[-1]).to(DEVICE).train() for _ in range(2)]
+
+    def step():  # h = dropout(1): the kept elements are the nonzero ones
+        return [(ln(x, dropout_p=p, return_prenorm=True)[1] != 0).flatten().float() for ln in layers]
+
+    with kernels.use_backend("triton"), torch.no_grad():
+        torch.manual_seed(0)
+        masks = step() + step()
+        torch.manual_seed(0)
+        again = step()
+    assert all(torch.equal(a, b) for a, b in zip(masks[:2], again))
+    for m in masks:
+        assert abs(m.mean().item() - (1 - p)) <= 0.01
+    corr = torch.corrcoef(torch.stack(masks))
+    off_diagonal = corr[~torch.eye(4, dtype=torch.bool)]
+    # 32,768 elements: the correlation of independent masks has a standard deviation of ~0.0055
+    assert off_diagonal.abs().max().item() < 0.03, corr
+
+
+def test_layer_norm_dropout_reads_nothing_back(no_host_reads):
+    """Forward and backward with a seed drawn on the device: no item/cpu/tolist/bool on a tensor."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(6, 40, generator=g).to(DEVICE).requires_grad_()
+    r = torch.randn(6, 40, generator=g).to(DEVICE).requires_grad_()
+    w = torch.randn(40, generator=g).to(DEVICE).requires_grad_()
+    b = torch.randn(40, generator=g).to(DEVICE).requires_grad_()
+    with kernels.use_backend("triton"):
+        y, h = kernels.layer_norm(x, w, b, residual=r, dropout_p=0.1, return_prenorm=True)
+        (y + h).backward(torch.ones_like(y))
+    assert x.grad is not None and w.grad is not None
+    with pytest.raises(AssertionError, match="a host read"):  # the guard itself works
+        y.sum().item()
+
+
+def test_dropout_seed_may_be_a_device_tensor():
+    g = torch.Generator().manual_seed(8)
+    x, w, b = torch.randn(5, 24, generator=g), torch.randn(24, generator=g), torch.randn(24, generator=g)
+    as_int = lg._layer_norm_triton(x, w, b, dropout_p=0.2, seed=1234)
+    as_tensor = lg._layer_norm_triton(x, w, b, dropout_p=0.2, seed=torch.tensor([1234]))
+    assert torch.equal(as_int, as_tensor)
+    with pytest.raises(ValueError, match="a seed tensor must hold one int64"):
+        lg._layer_norm_triton(x, w, b, dropout_p=0.2, seed=torch.tensor([1.0]))
+
+
+# ----------------------------------------------------------------------------- autocast, launches, frozen params
+def test_layer_norm_under_autocast_promotes_as_eager():
+    """bf16 x (a linear's output under autocast) with an fp32 residual stream: h and y in fp32,
+    dx in bf16 and dresidual in fp32, as eager gives them; values within the bf16 budget."""
+    def make_inputs(device, dtype, seed):
+        g = torch.Generator().manual_seed(seed)
+        return dict(x=(torch.randn(3, 7, 48, generator=g) * 2).to(device, torch.bfloat16).requires_grad_(),
+                    weight=torch.randn(48, generator=g).to(device).requires_grad_(),
+                    bias=torch.randn(48, generator=g).to(device).requires_grad_(),
+                    residual=torch.randn(3, 7, 48, generator=g).to(device).requires_grad_(),
+                    return_prenorm=True)
+
+    def autocast(fn):
+        def run(**kw):
+            with torch.autocast(DEVICE, dtype=torch.bfloat16):
+                return fn(**kw)
+        return run
+
+    case = OpCase("layer_norm autocast", make_inputs, autocast(lg._layer_norm_triton),
+                  autocast(kernels.layer_norm_ref))
+    assert_case(case, DEVICE, torch.bfloat16)
+    inputs = make_inputs(DEVICE, None, 0)
+    y, h = autocast(lg._layer_norm_triton)(**inputs)
+    y_ref, h_ref = autocast(kernels.layer_norm_ref)(**inputs)
+    assert (y.dtype, h.dtype) == (y_ref.dtype, h_ref.dtype) == (torch.float32, torch.float32)
+
+
+@pytest.mark.parametrize("N", [384, 768])
+def test_forward_grids_fill_the_gpu(N, record_launches):
+    """At M = 4096 rows every LayerNorm-family forward starts >= 264 programs (2 per SM of an
+    H100), each one tile of rows (no loop), covering every row."""
+    M, nominal_sms = 4096, 132
+    assert lg._num_sms(torch.device("cpu")) == nominal_sms
+    x, v = torch.empty(M, N), torch.empty(N)
+    launches = {name: record_launches(lg, name) for name in
+                ("_layer_norm_fwd_kernel", "_gelu_layer_norm_fwd_kernel", "_bias_gelu_fwd_kernel")}
+    lg.layer_norm_fwd(x, v, v, residual=x, dropout_p=0.1, seed=0, return_prenorm=True)
+    lg.gelu_layer_norm_fwd(x, v, v, v)
+    lg.bias_gelu_fwd(x, v)
+    lg.bias_gelu_fwd(torch.empty(M, 4 * N), torch.empty(4 * N))
+    for name, rec in launches.items():
+        for grid, _, kw in rec.calls:
+            assert grid[0] * grid[1] >= 2 * nominal_sms, (name, grid)
+            assert grid[0] * kw["BLOCK_M"] >= M and (grid[0] - 1) * kw["BLOCK_M"] < M, (name, grid)
+            assert grid[1] * kw["BLOCK_N"] >= x.shape[1], (name, grid)
+
+
+def _grads_with_frozen(fn, tensors, frozen):
+    """Run fn(*tensors) with the tensors named in ``frozen`` not requiring grad; return the grads."""
+    leaves = {k: t.detach().clone().requires_grad_(k not in frozen) for k, t in tensors.items()}
+    out = fn(**leaves)
+    out.backward(torch.ones_like(out))
+    return {k: t.grad for k, t in leaves.items()}
+
+
+@pytest.mark.parametrize("frozen", [("weight", "bias"), ("weight",), ("x",), ("x", "weight", "bias")])
+def test_layer_norm_backward_skips_gradients_nobody_asked_for(frozen, record_launches):
+    g = torch.Generator().manual_seed(9)
+    tensors = dict(x=torch.randn(6, 40, generator=g), residual=torch.randn(6, 40, generator=g),
+                   weight=torch.randn(40, generator=g), bias=torch.randn(40, generator=g))
+    full = _grads_with_frozen(lg._layer_norm_triton, tensors, ())
+    bwd = record_launches(lg, "_layer_norm_bwd_kernel", run=True)
+    reduce = record_launches(lg, "_weight_grad_reduce_kernel", run=True)
+    part = _grads_with_frozen(lg._layer_norm_triton, tensors, frozen)
+    (_, _, kw), = bwd.calls
+    assert kw["WEIGHT_GRADS"] == (not {"weight", "bias"} <= set(frozen))
+    assert kw["STORE_DX"] == ("x" not in frozen)
+    assert len(reduce.calls) == 2 - len({"weight", "bias"} & set(frozen))
+    for name, grad in part.items():
+        if name in frozen:
+            assert grad is None, name
+        else:
+            assert torch.equal(grad, full[name]), name
+
+
+def test_gelu_ops_skip_gradients_nobody_asked_for(record_launches):
+    g = torch.Generator().manual_seed(10)
+    x, b = torch.randn(6, 40, generator=g), torch.randn(40, generator=g)
+    bwd = record_launches(lg, "_bias_gelu_bwd_kernel", run=True)
+    reduce = record_launches(lg, "_weight_grad_reduce_kernel", run=True)
+    grads = _grads_with_frozen(lg._bias_gelu_triton, dict(x=x, bias=b), ("bias",))
+    (_, _, kw), = bwd.calls
+    assert not kw["WEIGHT_GRADS"] and kw["STORE_DX"] and reduce.calls == []
+    assert grads["bias"] is None and torch.equal(
+        grads["x"], _grads_with_frozen(lg._bias_gelu_triton, dict(x=x, bias=b), ())["x"])
+
+    tensors = dict(x=x, bias=b, weight=torch.randn(40, generator=g), ln_bias=torch.randn(40, generator=g))
+    full = _grads_with_frozen(lg._gelu_layer_norm_triton, tensors, ())
+    bwd = record_launches(lg, "_gelu_layer_norm_bwd_kernel", run=True)
+    reduce.calls.clear()
+    part = _grads_with_frozen(lg._gelu_layer_norm_triton, tensors, ("x", "weight", "ln_bias"))
+    (_, _, kw), = bwd.calls
+    assert kw["WEIGHT_GRADS"] and not kw["STORE_DX"] and len(reduce.calls) == 1  # dbias only
+    assert part["x"] is None and part["weight"] is None and part["ln_bias"] is None
+    assert torch.equal(part["bias"], full["bias"])
+
+
 # ----------------------------------------------------------------------------- determinism, layouts
 @pytest.mark.parametrize("op", ["layer_norm", "bias_gelu", "gelu_layer_norm"])
 def test_weight_grads_bitwise_deterministic(op, small_row_groups):
@@ -243,8 +399,8 @@ def test_bad_inputs_raise_value_error(monkeypatch):
         lg.layer_norm_fwd(x, torch.randn(9), b)
     with pytest.raises(ValueError, match=r"residual has shape \(3, 7\), expected \(3, 8\)"):
         lg.layer_norm_fwd(x, w, b, residual=torch.randn(3, 7))
-    with pytest.raises(ValueError, match="residual has dtype torch.float16 but x has torch.float32"):
-        lg.layer_norm_fwd(x, w, b, residual=x.half())
+    with pytest.raises(ValueError, match="out_dtype torch.int8 is not float32, float16 or bfloat16"):
+        lg.layer_norm_fwd(x, w, b, out_dtype=torch.int8)
     with pytest.raises(ValueError, match="hidden size 8193 is above the maximum of 8192"):
         lg.layer_norm_fwd(torch.randn(1, 8193), torch.randn(8193), torch.randn(8193))
     with pytest.raises(ValueError, match="hidden size 4097 is above the maximum of 4096"):
@@ -281,7 +437,7 @@ def test_public_functions_dispatch_to_triton(monkeypatch):
         assert torch.equal(kernels.bias_gelu(x, b, "tanh"), lg._bias_gelu_triton(x, b, "tanh"))
         assert torch.equal(lg.gelu_layer_norm(x, b, w, b), lg._gelu_layer_norm_triton(x, b, w, b))
         out = kernels.layer_norm(x.requires_grad_(), w, b)
-        assert type(out.grad_fn).__name__ == "LayerNormFunctionBackward"
+        assert type(out.grad_fn).__name__ == "GeneratedBackwardFor_minbert_layer_norm_defaultBackward"
 
     calls = []
     for name in ("_layer_norm_triton", "_bias_gelu_triton", "_gelu_layer_norm_triton"):
