@@ -2,7 +2,7 @@
 
 Providers:
   - ``triton``: ``kernels.FusedAdamW`` (defaults, as training builds it: the non-finite check
-    reads the gradients once more and costs one host sync per step).
+    reads the gradients once more; no host sync).
   - ``eager``: ``kernels.adamw_ref`` with ``foreach=False`` (torch's per-tensor AdamW loop).
   - ``torch-fused``: ``torch.optim.AdamW(fused=True)`` where torch has a fused kernel for the
     device (CUDA; recent torch also on CPU); skipped with torch's error elsewhere.

@@ -12,27 +12,33 @@ weight decay, bias correction; see the comment above ``_adamw_update_kernel``), 
     summing them in a fixed order: deterministic), and the clip coefficient
     ``min(1, max_norm / (norm + 1e-6))`` applied to the gradient inside the update kernel.
   - non-finite gradients (the norm is inf or NaN) skip the step: parameters and state are left
-    untouched, the step counters do not advance and ``skipped_steps`` counts it. The norm is
-    computed for this check even without clipping (``skip_nonfinite=False`` turns the check off
-    when clipping is off: no extra pass over the gradients and no host sync).
+    untouched, the step counters do not advance and ``skipped_steps`` counts it. The decision
+    is a predicate on the device (as torch's ``_fused_adamw`` with ``found_inf``): no host read.
+    The norm is computed for this check even without clipping (``skip_nonfinite=False`` turns
+    the check off when clipping is off: no extra pass over the gradients).
+  - ``capturable=True``: ``step()`` may be captured in a CUDA graph (see ``FusedAdamW``).
 
 What is fused. The tensors of a launch are reached through pointer tables, not copied into a
-flat buffer: ``PTRS`` (T, 6) int64 holds the addresses of each tensor's parameter, gradient,
-exp_avg, exp_avg_sq and master (0 when none) and its element count; ``HYPER`` (T, 8) fp32 its
-scalars (lr, weight decay, bias corrections: param groups and step counts may differ per
-tensor, so one launch serves every param group of a (device, param dtype, state dtype)); and
-``BLOCKS`` (programs, 2) int32 gives each program (tensor, block within it). Program i updates
-``BLOCK`` elements of one tensor, so the grid is the total element count / BLOCK plus at most one
-partial block per tensor. Full blocks load and store unmasked; when every address of a launch is
-16-byte aligned (torch allocations are) the launcher says so (``ALIGNED``) and the full blocks
-compile to 16-byte vector accesses. The block table depends only on the tensor sizes and is
-cached on the device; the pointer and scalar tables are rebuilt each step (a few bytes per
-tensor, copied to the device with the launch).
+flat buffer: ``PTRS`` (T, 7) int64 holds the addresses of each tensor's parameter, gradient,
+exp_avg, exp_avg_sq, master (0 when none), its element count and the address of its step count;
+``BLOCKS`` (programs, 2) int32 gives each program (tensor, block within it); ``GROUP`` (T,) each
+tensor's param group. Program i updates ``BLOCK`` elements of one tensor, so the grid is the
+total element count / BLOCK plus at most one partial block per tensor. Full blocks load and
+store unmasked; when every address of a launch is 16-byte aligned (torch allocations are) the
+launcher says so (``ALIGNED``) and the full blocks compile to 16-byte vector accesses. These
+tables are built once per parameter set (``_Plan``) and reused while every address and size
+is unchanged (a gradient freed by ``zero_grad(set_to_none=True)`` usually comes back at its
+address; when it does not, the tables are rebuilt). ``HYPER`` (G, 5) fp64 holds each param
+group's lr, betas, eps and weight decay, rebuilt when a float value changes (a scheduler's lr:
+a few bytes, copied asynchronously from pinned memory) or refreshed on the device from a tensor
+lr. Each step then runs, per launch: ``_adamw_hyper_kernel`` (step counts += 1 unless skipped;
+the per-tensor scalars with the bias corrections, in fp64, into ``TAB``) and
+``_adamw_update_kernel``; before them, with a norm, ``_adamw_grad_sumsq_kernel`` and
+``_sum_kernel`` (norm, clip coefficient and skip flag into a 4-float ``STATUS``).
 
 Traffic per element (one step): read grad, m, v, and the master (or the parameter); write m, v,
 the master and the parameter: the lower bound. The non-finite check / norm reads the gradients
-once more, and reading the norm back is one host sync per step (the skip decision is made on
-the host).
+once more. Nothing is read back to the host: ``grad_norm`` is a device tensor.
 
 Dtypes: parameters (and their gradients) fp32, fp16 or bf16; state fp32 with master weights,
 else in the parameter's dtype, like ``torch.optim.AdamW``; all math in fp32, with IEEE sqrt
@@ -44,20 +50,22 @@ master-weight variant stages its fp32 stores through 8 KiB of shared memory (Tri
 the 8-elements-per-thread layout of the 16-bit gradient load and stores fp32 4 per thread).
 
 Devices: param groups may live on different devices (one launch set per device; the gradient
-norm adds the per-device sums on the host); all parameters of one group share a device.
+norm adds the per-device sums on the first device, with device-to-device copies); all
+parameters of one group share a device.
 Under DeepSpeed ZeRO 1 / 2 (bf16) as the client optimizer it receives one flat fp32 partition
 per group and steps it like any fp32 parameter; DeepSpeed wants
 ``"zero_allow_untested_optimizer": true`` for it, and clips with its own
 ``gradient_clipping`` (leave ``max_grad_norm`` None there, or gradients are clipped twice).
 
-State keys follow ``torch.optim.AdamW`` ("step" a CPU float32 tensor, "exp_avg", "exp_avg_sq",
-plus "master_param" with master weights), so each optimizer loads the other's ``state_dict``.
+State keys follow ``torch.optim.AdamW`` ("step" a float32 tensor, on the parameter's device as
+torch keeps it with ``capturable=True`` or ``fused=True``; "exp_avg", "exp_avg_sq", plus
+"master_param" with master weights), so each optimizer loads the other's ``state_dict``.
 
 Known limits: kernels launch on CUDA tensors; under Triton's interpreter (``TRITON_INTERPRET=1``)
 on CPU tensors only (the kernels follow raw addresses from the pointer tables, which the
-interpreter can only do for host memory). No amsgrad, maximize, capturable (CUDA graphs) or
-sparse gradients. Under the interpreter the fp32 -> bf16 rounding of the parameter is only
-round-to-nearest-even with ``kernels._interpreter`` installed (Triton 3.9 truncates).
+interpreter can only do for host memory). No amsgrad, maximize or sparse gradients. Step counts
+are exact up to 2**24 (fp32, as torch's). Under the interpreter the fp32 -> bf16 rounding of the
+parameter is only round-to-nearest-even with ``kernels._interpreter`` installed (Triton 3.9 truncates).
 """
 from __future__ import annotations
 
@@ -77,8 +85,8 @@ from .testing import CompileSpec, IOCase, OpCase
 ADAMW_BLOCK = 2048  # elements per program (8 warps: 8 elements, one 16-byte vector of bf16, per thread)
 ADAMW_NUM_WARPS = 8
 _SUM_BLOCK = 1024  # vector width of the partial-sums reduction (one program)
-_PTR_COLS = 6  # PTRS row: param, grad, exp_avg, exp_avg_sq, master, numel
-_HYPER_COLS = 8  # HYPER row: see _hyper_row
+_PTR_COLS = 7  # PTRS row: param, grad, exp_avg, exp_avg_sq, master, numel, step
+_HYPER_BLOCK_T = 128  # tensors per program of _adamw_hyper_kernel
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 _CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_: max_norm / (total_norm + 1e-6)
@@ -193,69 +201,136 @@ def _adamw_block(P, G, M, V, W, offs, n, clip_coef, decay, w1, beta2, c2, neg_st
 #   denom  = sqrt(v) / sqrt(1 - beta2^t) + eps
 #   p      = p + (-lr / (1 - beta1^t)) * (m / denom)
 # The per-tensor scalars (1 - lr wd, 1 - beta1, beta2, 1 - beta2, -lr / (1 - beta1^t),
-# sqrt(1 - beta2^t), eps) are computed on the host in double precision and rounded to fp32, as
-# torch rounds the Python scalars it passes to its fp32 ops. With HAS_MASTER, p is the fp32 master
-# W, stored back, and the 16-bit parameter P receives it rounded to nearest even.
+# sqrt(1 - beta2^t), eps) come from TAB, which _adamw_hyper_kernel writes on the device each step
+# in double precision, rounded to fp32, as torch rounds the Python scalars it passes to its fp32
+# ops. c and the skip flag come from STATUS (written by _sum_kernel): a skipped step (non-finite
+# gradients) writes nothing, a predicate on the device, as torch's _fused_adamw with found_inf.
+# With HAS_MASTER, p is the fp32 master W, stored back, and the 16-bit parameter P receives it
+# rounded to nearest even.
 @triton.jit
 def _adamw_update_kernel(
     BLOCKS,  # (programs, 2) int32: [tensor index, block index within the tensor] per program
-    PTRS,  # (T, 6) int64: addresses of param, grad, exp_avg, exp_avg_sq, master (or 0); numel
-    HYPER,  # (T, 8) fp32 per-tensor scalars: 1 - lr wd, 1 - beta1, beta2, 1 - beta2,
-            #   -lr / (1 - beta1^t), sqrt(1 - beta2^t), eps, (unused)
-    clip_coef,  # fp32: every gradient is multiplied by it (1.0 without clipping)
+    PTRS,  # (T, 7) int64: addresses of param, grad, exp_avg, exp_avg_sq, master (or 0); numel;
+           #   step (read by _adamw_hyper_kernel only)
+    TAB,  # (T, 8) fp32 per-tensor scalars of this step: 1 - lr wd, 1 - beta1, beta2, 1 - beta2,
+          #   -lr / (1 - beta1^t), sqrt(1 - beta2^t), eps, (unused)
+    STATUS,  # (4,) fp32: sum of squared grads, norm, clip coefficient, skip (read when HAS_STATUS)
     PARAM_DTYPE: tl.constexpr,  # dtype of the parameters and gradients
     STATE_DTYPE: tl.constexpr,  # dtype of exp_avg and exp_avg_sq (fp32 with master weights)
     HAS_MASTER: tl.constexpr,  # fp32 master weights at the fifth address
+    HAS_STATUS: tl.constexpr,  # a gradient norm was computed: clip coefficient and skip flag
     ALIGNED: tl.constexpr,  # every address is 16-byte aligned: full blocks vectorise
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(BLOCKS + 2 * pid).to(tl.int64)
     blk = tl.load(BLOCKS + 2 * pid + 1).to(tl.int64)
-    row = PTRS + t * 6
-    P = tl.load(row).to(tl.pointer_type(PARAM_DTYPE))
-    G = tl.load(row + 1).to(tl.pointer_type(PARAM_DTYPE))
-    M = tl.load(row + 2).to(tl.pointer_type(STATE_DTYPE))
-    V = tl.load(row + 3).to(tl.pointer_type(STATE_DTYPE))
-    W = tl.load(row + 4).to(tl.pointer_type(tl.float32))  # not dereferenced without HAS_MASTER
-    n = tl.load(row + 5)
-    if ALIGNED:
-        P = tl.multiple_of(P, 16)
-        G = tl.multiple_of(G, 16)
-        M = tl.multiple_of(M, 16)
-        V = tl.multiple_of(V, 16)
-        W = tl.multiple_of(W, 16)
-    hp = HYPER + t * 8
-    decay = tl.load(hp)
-    w1 = tl.load(hp + 1)
-    beta2 = tl.load(hp + 2)
-    c2 = tl.load(hp + 3)
-    neg_step_size = tl.load(hp + 4)
-    bc2_sqrt = tl.load(hp + 5)
-    eps = tl.load(hp + 6)
-    start = blk * BLOCK  # int64 element offset of the block in its tensor
-    offs = start + tl.arange(0, BLOCK)
-    if start + BLOCK <= n:
-        _adamw_block(P, G, M, V, W, offs, n, clip_coef, decay, w1, beta2, c2, neg_step_size,
-                     bc2_sqrt, eps, HAS_MASTER, False)
+    if HAS_STATUS:
+        clip_coef = tl.load(STATUS + 2)
+        skip = tl.load(STATUS + 3)
     else:
-        _adamw_block(P, G, M, V, W, offs, n, clip_coef, decay, w1, beta2, c2, neg_step_size,
-                     bc2_sqrt, eps, HAS_MASTER, True)
+        clip_coef = 1.0
+        skip = 0.0
+    if skip == 0.0:
+        row = PTRS + t * 7
+        P = tl.load(row).to(tl.pointer_type(PARAM_DTYPE))
+        G = tl.load(row + 1).to(tl.pointer_type(PARAM_DTYPE))
+        M = tl.load(row + 2).to(tl.pointer_type(STATE_DTYPE))
+        V = tl.load(row + 3).to(tl.pointer_type(STATE_DTYPE))
+        W = tl.load(row + 4).to(tl.pointer_type(tl.float32))  # not dereferenced without HAS_MASTER
+        n = tl.load(row + 5)
+        if ALIGNED:
+            P = tl.multiple_of(P, 16)
+            G = tl.multiple_of(G, 16)
+            M = tl.multiple_of(M, 16)
+            V = tl.multiple_of(V, 16)
+            W = tl.multiple_of(W, 16)
+        hp = TAB + t * 8
+        decay = tl.load(hp)
+        w1 = tl.load(hp + 1)
+        beta2 = tl.load(hp + 2)
+        c2 = tl.load(hp + 3)
+        neg_step_size = tl.load(hp + 4)
+        bc2_sqrt = tl.load(hp + 5)
+        eps = tl.load(hp + 6)
+        start = blk * BLOCK  # int64 element offset of the block in its tensor
+        offs = start + tl.arange(0, BLOCK)
+        if start + BLOCK <= n:
+            _adamw_block(P, G, M, V, W, offs, n, clip_coef, decay, w1, beta2, c2, neg_step_size,
+                         bc2_sqrt, eps, HAS_MASTER, False)
+        else:
+            _adamw_block(P, G, M, V, W, offs, n, clip_coef, decay, w1, beta2, c2, neg_step_size,
+                         bc2_sqrt, eps, HAS_MASTER, True)
+
+
+@triton.jit
+def _pow_f64(base, e):
+    """base ** e for fp64 ``base`` and int32 ``e`` in [0, 2**31) by binary powering (multiplies
+    only: the same on GPUs and in the interpreter, ~1e-15 relative error)."""
+    out = tl.full(base.shape, 1.0, tl.float64)
+    for _ in tl.static_range(31):
+        out = tl.where((e & 1) == 1, out * base, out)
+        base = base * base
+        e = e >> 1
+    return out
+
+
+# Per tensor, before the update (t = its step count): t += 1 unless the step is skipped, then
+#   TAB = [1 - lr wd, 1 - beta1, beta2, 1 - beta2, -lr / (1 - beta1^t), sqrt(1 - beta2^t), eps, 0]
+# in fp64 from the group's HYPER row (lr, beta1, beta2, eps, wd as doubles), rounded to fp32.
+@triton.jit
+def _adamw_hyper_kernel(
+    PTRS,  # (T, 7) int64: the update's table; the step address (column 6) is read
+    GROUP,  # (T,) int32: each tensor's row of HYPER
+    HYPER,  # (G, 5) fp64: lr, beta1, beta2, eps, weight decay of each param group
+    TAB,  # (T, 8) fp32: written
+    STATUS,  # (4,) fp32: the skip flag at [3] (read when HAS_STATUS)
+    T,
+    HAS_STATUS: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    ok = t < T
+    t64 = t.to(tl.int64)
+    hp = HYPER + tl.load(GROUP + t, mask=ok, other=0).to(tl.int64) * 5
+    lr = tl.load(hp, mask=ok, other=0.0)
+    beta1 = tl.load(hp + 1, mask=ok, other=0.0)
+    beta2 = tl.load(hp + 2, mask=ok, other=0.0)
+    eps = tl.load(hp + 3, mask=ok, other=1.0)
+    wd = tl.load(hp + 4, mask=ok, other=0.0)
+    step_ptr = tl.load(PTRS + t64 * 7 + 6, mask=ok, other=0).to(tl.pointer_type(tl.float32))
+    step = tl.load(step_ptr, mask=ok, other=0.0)
+    if HAS_STATUS:
+        step += 1.0 - tl.load(STATUS + 3)
+    else:
+        step += 1.0
+    tl.store(step_ptr, step, mask=ok)
+    e = tl.maximum(step.to(tl.int32), 1)  # (a skipped first step leaves 0: TAB is then unused)
+    bc1 = 1.0 - _pow_f64(beta1, e)
+    bc2 = 1.0 - _pow_f64(beta2, e)
+    tab = TAB + t64 * 8
+    tl.store(tab, (1.0 - lr * wd).to(tl.float32), mask=ok)
+    tl.store(tab + 1, (1.0 - beta1).to(tl.float32), mask=ok)
+    tl.store(tab + 2, beta2.to(tl.float32), mask=ok)
+    tl.store(tab + 3, (1.0 - beta2).to(tl.float32), mask=ok)
+    tl.store(tab + 4, (-(lr / bc1)).to(tl.float32), mask=ok)
+    tl.store(tab + 5, tl.sqrt(bc2).to(tl.float32), mask=ok)
+    tl.store(tab + 6, eps.to(tl.float32), mask=ok)
+    tl.store(tab + 7, tl.zeros_like(lr).to(tl.float32), mask=ok)
 
 
 @triton.jit
 def _adamw_grad_sumsq_kernel(
     BLOCKS,  # (programs, 2) int32: [tensor index, block index], as for _adamw_update_kernel
-    PTRS,  # (T, 6) int64: the update's table; only the gradient address and numel are read
+    PTRS,  # (T, 7) int64: the update's table; only the gradient address and numel are read
     PART,  # (programs,) fp32: this program's sum of squared gradient elements
     GRAD_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # sum over the block of g^2 in fp32 (inf / NaN propagate: the host checks the total)
+    # sum over the block of g^2 in fp32 (inf / NaN propagate into the total)
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(BLOCKS + 2 * pid).to(tl.int64)
     blk = tl.load(BLOCKS + 2 * pid + 1).to(tl.int64)
-    G = tl.load(PTRS + t * 6 + 1).to(tl.pointer_type(GRAD_DTYPE))
-    n = tl.load(PTRS + t * 6 + 5)
+    G = tl.load(PTRS + t * 7 + 1).to(tl.pointer_type(GRAD_DTYPE))
+    n = tl.load(PTRS + t * 7 + 5)
     if ALIGNED:
         G = tl.multiple_of(G, 16)
     start = blk * BLOCK
@@ -269,17 +344,28 @@ def _adamw_grad_sumsq_kernel(
 
 @triton.jit
 def _sum_kernel(
-    PART,  # (n,) fp32 partial sums
-    OUT,  # (1,) fp32: their total
-    n,
-    BLOCK: tl.constexpr,
+    PART,  # (n,) fp32 partial sums of squared gradients
+    STATUS,  # (4,) fp32, written: total, norm = sqrt(total), clip coefficient, skip (1.0 / 0.0)
+    SKIPPED,  # (1,) fp32 count of skipped steps, incremented when this one is skipped
+    n, max_grad_norm,
+    HAS_CLIP: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # one program: BLOCK running sums over strided partials, then one tree sum: a fixed order
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for start in range(0, n, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         acc += tl.load(PART + offs, mask=offs < n, other=0.0)
-    tl.store(OUT, tl.sum(acc, axis=0))
+    total = tl.sum(acc, axis=0)
+    norm = tl.sqrt_rn(total)
+    skip = tl.where(total <= 3.4028234663852886e38, 0.0, 1.0)  # 1.0 when inf or NaN
+    coef = 1.0
+    if HAS_CLIP:  # clip_grad_norm_'s fp32 math: min(1, max_norm / (norm + 1e-6))
+        coef = tl.minimum(tl.div_rn(max_grad_norm + tl.zeros_like(norm), norm + 1e-6), 1.0)
+    tl.store(STATUS, total)
+    tl.store(STATUS + 1, norm)
+    tl.store(STATUS + 2, coef)
+    tl.store(STATUS + 3, skip)
+    tl.store(SKIPPED, tl.load(SKIPPED) + skip)
 
 
 # ----------------------------------------------------------------------------- launcher checks
@@ -288,10 +374,14 @@ def _interpreting() -> bool:
 
 
 def _check_hyper(lr: Any, betas: Any, eps: Any, weight_decay: Any, where: str = "") -> None:
-    """ValueError for hyperparameters torch.optim.AdamW would reject (or that break the math)."""
-    lr = float(lr)
-    if not lr >= 0.0:  # also NaN
-        raise ValueError(f"{where}lr must be >= 0, got {lr}")
+    """ValueError for hyperparameters torch.optim.AdamW would reject (or that break the math).
+    A tensor lr is checked for its shape only (its value would be a host read)."""
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1 or not lr.is_floating_point():
+            raise ValueError(f"{where}lr as a tensor must hold one floating-point value, got "
+                             f"{lr.dtype} of shape {tuple(lr.shape)}")
+    elif not float(lr) >= 0.0:  # also NaN
+        raise ValueError(f"{where}lr must be >= 0, got {float(lr)}")
     try:
         beta1, beta2 = (float(b) for b in betas)
     except (TypeError, ValueError):
@@ -373,24 +463,16 @@ def _check_tensor_set(i: int, p: torch.Tensor, g: torch.Tensor, m: torch.Tensor,
 
 
 # ----------------------------------------------------------------------------- launchers
-class _Launch(NamedTuple):
-    """The tensors of one kernel launch: one (device, param dtype, state dtype, master) group."""
+class _Item(NamedTuple):
+    """One parameter's share of a step."""
 
-    device: torch.device
-    param_dtype: torch.dtype
-    state_dtype: torch.dtype
-    has_master: bool
-    index: list[int]  # positions in the caller's lists
-
-
-def _group_launches(params: list[torch.Tensor], exp_avgs: list[torch.Tensor] | None,
-                    masters: list[torch.Tensor | None] | None) -> list[_Launch]:
-    groups: dict[tuple, list[int]] = {}
-    for i, p in enumerate(params):
-        has_master = masters is not None and masters[i] is not None
-        state_dtype = exp_avgs[i].dtype if exp_avgs is not None else p.dtype
-        groups.setdefault((p.device, p.dtype, state_dtype, has_master), []).append(i)
-    return [_Launch(*key, idx) for key, idx in groups.items()]
+    param: torch.Tensor
+    grad: torch.Tensor
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    master: torch.Tensor | None
+    step: torch.Tensor  # 0-d fp32 on the parameter's device: the steps taken so far
+    group: int  # its param group: a row of the HYPER table
 
 
 @functools.lru_cache(maxsize=32)
@@ -400,27 +482,182 @@ def _block_table(numels: tuple[int, ...], block: int, device: torch.device) -> t
     tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int64), counts)
     first = torch.cumsum(counts, 0) - counts  # each tensor's first program
     blk = torch.arange(int(counts.sum()), dtype=torch.int64) - torch.repeat_interleave(first, counts)
-    return torch.stack([tensor, blk], 1).to(torch.int32).to(device)
+    return _to_device(torch.stack([tensor, blk], 1).to(torch.int32), device)
 
 
-def _ptr_table(rows: list[list[int]], device: torch.device) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.int64).reshape(-1, _PTR_COLS).to(device)
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor copied to ``device`` without a host sync: on CUDA from pinned memory,
+    asynchronously (torch's caching host allocator keeps the staging buffer until the copy ran)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _aligned(*tensors: torch.Tensor | None) -> bool:
     return all(t is None or t.data_ptr() % 16 == 0 for t in tensors)
 
 
-def adamw_grad_sumsq(grads: list[torch.Tensor]) -> torch.Tensor:
-    """Sum of squares of every element of ``grads``, as a CPU fp32 scalar (one host sync).
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
-    Per device: one ``_adamw_grad_sumsq_kernel`` launch per gradient dtype writes a partial sum
-    per block into one buffer, and ``_sum_kernel`` adds them in a fixed order; the per-device
-    totals are added on the host in the order of first appearance. Deterministic for a given
-    list of tensor sizes. inf / NaN gradients give an inf / NaN total.
+
+_CAPTURE_HINT = ("run one step eagerly before capturing, keep the parameter set and gradient "
+                 "buffers fixed, and give a learning rate that changes between replays as a "
+                 "tensor (param_group['lr'] = torch.tensor(lr, device=...), updated in place)")
+
+
+class _Plan:
+    """The device tables of one update launch: the tensors of one (device, param dtype, state
+    dtype, master) group. Built once per parameter set and reused while ``key`` (every address,
+    size and param group) is unchanged, so a step copies nothing from the host."""
+
+    def __init__(self, items: list[_Item], device: torch.device):
+        self.key = _plan_key(items)
+        self.device = device
+        self.param_dtype, self.has_master = items[0].param.dtype, items[0].master is not None
+        self.state_dtype = items[0].exp_avg.dtype
+        self.blocks = _block_table(tuple(it.param.numel() for it in items), ADAMW_BLOCK, device)
+        rows = [[it.param.data_ptr(), it.grad.data_ptr(), it.exp_avg.data_ptr(),
+                 it.exp_avg_sq.data_ptr(), 0 if it.master is None else it.master.data_ptr(),
+                 it.param.numel(), it.step.data_ptr()] for it in items]
+        self.ptrs = _to_device(torch.tensor(rows, dtype=torch.int64).reshape(-1, _PTR_COLS), device)
+        self.group = _to_device(torch.tensor([it.group for it in items], dtype=torch.int32), device)
+        self.tab = torch.empty((len(items), 8), dtype=torch.float32, device=device)
+        self.aligned = all(_aligned(it.param, it.grad, it.exp_avg, it.exp_avg_sq, it.master)
+                           for it in items)
+
+
+def _plan_key(items: list[_Item]) -> tuple:
+    return tuple((it.param.data_ptr(), it.grad.data_ptr(), it.exp_avg.data_ptr(),
+                  it.exp_avg_sq.data_ptr(), 0 if it.master is None else it.master.data_ptr(),
+                  it.step.data_ptr(), it.param.numel(), it.group) for it in items)
+
+
+def _launch_key(it: _Item) -> tuple:
+    return (it.param.device, it.param.dtype, it.exp_avg.dtype, it.master is not None)
+
+
+class _Stepper:
+    """Fused AdamW steps with their device tables cached: pointer tables per update launch
+    (``_Plan``) and a (G, 5) fp64 HYPER table of the param groups' lr, betas, eps and weight
+    decay per device, rebuilt only when the parameters or a float hyper-parameter change (a
+    tensor lr is copied on the device each step). A step then reads nothing from the host and
+    nothing back to it: the gradient norm, the clip coefficient, the skip decision and the step
+    counts stay on the device."""
+
+    def __init__(self):
+        self.plans: dict[tuple, _Plan] = {}
+        self.hyper: dict[torch.device, tuple[tuple, torch.Tensor]] = {}
+        self.skipped: torch.Tensor | None = None  # (1,) fp32 skipped-step count, first device
+
+    def _plan(self, key: tuple, items: list[_Item]) -> _Plan:
+        plan = self.plans.get(key)
+        if plan is None or plan.key != _plan_key(items):
+            if _capturing(key[0]):
+                raise RuntimeError("FusedAdamW.step() under CUDA-graph capture would rebuild its "
+                                   "pointer tables (the parameters or their gradient buffers "
+                                   f"changed): {_CAPTURE_HINT}")
+            plan = self.plans[key] = _Plan(items, key[0])
+        return plan
+
+    def _hyper(self, device: torch.device, groups: list[tuple]) -> torch.Tensor:
+        """The (G, 5) fp64 HYPER table on ``device``; a tensor lr is copied into it each step."""
+        floats = tuple((None if isinstance(h[0], torch.Tensor) else h[0], *h[1:]) for h in groups)
+        cached = self.hyper.get(device)
+        if cached is None or cached[0] != floats:
+            if _capturing(device):
+                raise RuntimeError("FusedAdamW.step() under CUDA-graph capture found a changed "
+                                   f"float hyper-parameter: {_CAPTURE_HINT}")
+            rows = [[0.0 if lr is None else lr, *rest] for lr, *rest in floats]
+            cached = self.hyper[device] = (floats, _to_device(
+                torch.tensor(rows, dtype=torch.float64).reshape(-1, 5), device))
+        table = cached[1]
+        for g, h in enumerate(groups):
+            if isinstance(h[0], torch.Tensor):
+                table[g, 0].copy_(h[0].reshape(()), non_blocking=True)
+        return table
+
+    def _counter(self, device: torch.device) -> torch.Tensor:
+        if self.skipped is None:
+            self.skipped = torch.zeros(1, dtype=torch.float32, device=device)
+        return self.skipped
+
+    def step(self, items: list[_Item], groups: list[tuple], max_grad_norm: float | None,
+             norm: bool) -> torch.Tensor | None:
+        """One step over ``items`` (checked by the caller); ``groups``: per param group
+        (lr, beta1, beta2, eps, weight decay). ``norm``: compute the gradient norm (and skip
+        the step on inf / NaN), as clipping needs anyway. Returns the (4,) fp32 STATUS of the
+        first device (sum of squares, norm, clip coefficient, skip) or None."""
+        by_launch: dict[tuple, list[_Item]] = {}
+        for it in items:
+            by_launch.setdefault(_launch_key(it), []).append(it)
+        plans = [self._plan(key, its) for key, its in by_launch.items()]
+        self.plans = {key: self.plans[key] for key in by_launch}  # forget launches gone
+        devices = list(dict.fromkeys(p.device for p in plans))
+        status = _grad_norm_status([p for p in plans], devices, max_grad_norm,
+                                   self._counter(devices[0])) if norm else {}
+        for plan in plans:
+            st = status.get(plan.device)
+            T = plan.ptrs.shape[0]
+            _adamw_hyper_kernel[(triton.cdiv(T, _HYPER_BLOCK_T),)](
+                plan.ptrs, plan.group, self._hyper(plan.device, groups), plan.tab,
+                plan.tab if st is None else st, T,
+                HAS_STATUS=st is not None, BLOCK_T=_HYPER_BLOCK_T, num_warps=4)
+            programs = plan.blocks.shape[0]
+            if programs:
+                _adamw_update_kernel[(programs,)](
+                    plan.blocks, plan.ptrs, plan.tab, plan.tab if st is None else st,
+                    PARAM_DTYPE=_TL_DTYPE[plan.param_dtype], STATE_DTYPE=_TL_DTYPE[plan.state_dtype],
+                    HAS_MASTER=plan.has_master, HAS_STATUS=st is not None, ALIGNED=plan.aligned,
+                    BLOCK=ADAMW_BLOCK, num_warps=ADAMW_NUM_WARPS)
+        return status.get(devices[0]) if status else None
+
+
+def _grad_norm_status(plans: list[_Plan], devices: list[torch.device],
+                      max_grad_norm: float | None, skipped: torch.Tensor) -> dict:
+    """Per device a (4,) fp32 STATUS: sum of squared gradients over every device, norm, clip
+    coefficient, skip (1.0 when the norm is inf / NaN); ``skipped`` counts skipped steps.
+
+    Per device one ``_adamw_grad_sumsq_kernel`` launch per plan writes a partial sum per block
+    and ``_sum_kernel`` adds them in a fixed order (deterministic for given tensor sizes). With
+    several devices the totals meet on the first one (device-to-device copies) and the STATUS
+    found there is copied back: no host read anywhere.
     """
-    total = torch.zeros((), dtype=torch.float32)
-    by_device: dict[torch.device, list[int]] = {}
+    status = {}
+    for device in devices:
+        mine = [p for p in plans if p.device == device and p.blocks.shape[0]]
+        n_part = sum(p.blocks.shape[0] for p in mine)
+        part = torch.empty(max(n_part, 1), dtype=torch.float32, device=device)
+        offset = 0
+        for p in mine:
+            programs = p.blocks.shape[0]
+            _adamw_grad_sumsq_kernel[(programs,)](
+                p.blocks, p.ptrs, part[offset:offset + programs], GRAD_DTYPE=_TL_DTYPE[p.param_dtype],
+                ALIGNED=p.aligned, BLOCK=ADAMW_BLOCK, num_warps=ADAMW_NUM_WARPS)
+            offset += programs
+        st = status[device] = torch.empty(4, dtype=torch.float32, device=device)
+        counter = skipped if len(devices) == 1 else torch.zeros(1, dtype=torch.float32, device=device)
+        _sum_kernel[(1,)](part, st, counter, n_part, float(max_grad_norm or 0.0),
+                          HAS_CLIP=max_grad_norm is not None, BLOCK=_SUM_BLOCK, num_warps=4)
+    if len(devices) > 1:  # the global norm on the first device, then everywhere
+        first = devices[0]
+        total = sum(status[d][0].to(first) for d in devices)
+        norm = total.sqrt()
+        coef = (max_grad_norm / (norm + _CLIP_EPS)).clamp(max=1.0) if max_grad_norm is not None \
+            else torch.ones_like(norm)
+        skip = (~torch.isfinite(total)).float()
+        merged = torch.stack([total, norm, coef, skip])
+        skipped += skip
+        for d in devices:
+            status[d].copy_(merged)
+    return status
+
+
+def adamw_grad_sumsq(grads: list[torch.Tensor]) -> torch.Tensor:
+    """Sum of squares of every element of ``grads``: a 0-d fp32 tensor on the first gradient's
+    device (CPU for an empty list), computed without a host read (see ``_grad_norm_status``).
+    inf / NaN gradients give an inf / NaN total."""
+    items = []
     for i, g in enumerate(grads):
         if g.dtype not in _SUPPORTED_DTYPES:
             raise ValueError(f"gradient {i} has dtype {g.dtype}; float32, float16 or bfloat16 expected")
@@ -428,148 +665,29 @@ def adamw_grad_sumsq(grads: list[torch.Tensor]) -> torch.Tensor:
             raise ValueError(f"gradient {i} is sparse; FusedAdamW does not support sparse gradients")
         if not _is_dense(g):
             raise ValueError(f"gradient {i} is not dense (strides {g.stride()})")
-        by_device.setdefault(g.device, []).append(i)
-    for device, idx in by_device.items():
-        _check_device(device)
-        by_dtype: dict[torch.dtype, list[int]] = {}
-        for i in idx:
-            if grads[i].numel():
-                by_dtype.setdefault(grads[i].dtype, []).append(i)
-        tables = []
-        for dtype, ids in by_dtype.items():
-            numels = tuple(grads[i].numel() for i in ids)
-            blocks = _block_table(numels, ADAMW_BLOCK, device)
-            ptrs = _ptr_table([[0, grads[i].data_ptr(), 0, 0, 0, grads[i].numel()] for i in ids], device)
-            tables.append((dtype, blocks, ptrs, _aligned(*(grads[i] for i in ids))))
-        n_part = sum(b.shape[0] for _, b, _, _ in tables)
-        if n_part == 0:
-            continue
-        part = torch.empty(n_part, dtype=torch.float32, device=device)
-        out = torch.empty(1, dtype=torch.float32, device=device)
-        offset = 0
-        for dtype, blocks, ptrs, aligned in tables:
-            programs = blocks.shape[0]
-            _adamw_grad_sumsq_kernel[(programs,)](
-                blocks, ptrs, part[offset:offset + programs], GRAD_DTYPE=_TL_DTYPE[dtype],
-                ALIGNED=aligned, BLOCK=ADAMW_BLOCK, num_warps=ADAMW_NUM_WARPS)
-            offset += programs
-        _sum_kernel[(1,)](part, out, n_part, BLOCK=_SUM_BLOCK, num_warps=4)
-        total = total + out.cpu()[0]
-    return total
+        _check_device(g.device)
+        # only the gradient's address and size are read: the other columns point at it too
+        items.append(_Item(g, g, g, g, None, g, 0))
+    if not items:
+        return torch.zeros((), dtype=torch.float32)
+    by_launch: dict[tuple, list[_Item]] = {}
+    for it in items:
+        by_launch.setdefault((it.param.device, it.param.dtype), []).append(it)
+    plans = [_Plan(its, key[0]) for key, its in by_launch.items()]
+    devices = list(dict.fromkeys(p.device for p in plans))
+    counter = torch.zeros(1, dtype=torch.float32, device=devices[0])
+    return _grad_norm_status(plans, devices, None, counter)[devices[0]][0]
 
 
 def _hyper_row(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                step: float) -> list[float]:
-    """The per-tensor scalars of ``HYPER`` for a tensor at ``step`` (after this update), in
-    double precision as torch computes them (rounded to fp32 when stored)."""
+    """The per-tensor scalars ``_adamw_hyper_kernel`` writes to TAB for a tensor at ``step``
+    (after this update), in double precision as torch computes them: the host's formula, kept
+    for tests and for ``adamw_update``."""
     bias_correction1 = 1.0 - beta1 ** step
     bias_correction2 = 1.0 - beta2 ** step
     return [1.0 - lr * weight_decay, 1.0 - beta1, beta2, 1.0 - beta2, -(lr / bias_correction1),
             bias_correction2 ** 0.5, eps, 0.0]
-
-
-def adamw_update(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    exp_avg_sqs: list[torch.Tensor],
-    hyper: list[list[float]],
-    master_params: list[torch.Tensor | None] | None = None,
-    clip_coef: float = 1.0,
-) -> None:
-    """Launch ``_adamw_update_kernel`` once per (device, param dtype, state dtype, master) group.
-
-    Args:
-        params, grads, exp_avgs, exp_avg_sqs: matching lists; grads in the params' dtype,
-            moments fp32 where a master is given, else in the param's dtype.
-        hyper: per tensor, the 8 scalars of ``_hyper_row`` (the step count after this update).
-        master_params: per tensor an fp32 master copy or None (None: no masters at all).
-        clip_coef: every gradient is multiplied by it.
-    """
-    n = len(params)
-    if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(hyper) == n) or \
-            (master_params is not None and len(master_params) != n):
-        raise ValueError("adamw_update: params, grads, exp_avgs, exp_avg_sqs, hyper (and "
-                         "master_params) must have one entry per parameter")
-    masters = master_params if master_params is not None else [None] * n
-    for i in range(n):
-        _check_tensor_set(i, params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], masters[i])
-        if len(hyper[i]) != _HYPER_COLS:
-            raise ValueError(f"hyper[{i}] must hold {_HYPER_COLS} scalars, got {len(hyper[i])}")
-        _check_device(params[i].device)
-    _launch_update(params, grads, exp_avgs, exp_avg_sqs, hyper, masters, clip_coef)
-
-
-def _launch_update(params, grads, exp_avgs, exp_avg_sqs, hyper, masters, clip_coef) -> None:
-    """``adamw_update`` after its checks."""
-    for launch in _group_launches(params, exp_avgs, masters):
-        ids = [i for i in launch.index if params[i].numel() > 0]
-        if not ids:
-            continue
-        blocks = _block_table(tuple(params[i].numel() for i in ids), ADAMW_BLOCK, launch.device)
-        rows, aligned = [], True
-        for i in ids:
-            w = masters[i]
-            rows.append([params[i].data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(),
-                         exp_avg_sqs[i].data_ptr(), 0 if w is None else w.data_ptr(),
-                         params[i].numel()])
-            aligned = aligned and _aligned(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], w)
-        ptrs = _ptr_table(rows, launch.device)
-        hyp = torch.tensor([hyper[i] for i in ids], dtype=torch.float32).to(launch.device)
-        _adamw_update_kernel[(blocks.shape[0],)](
-            blocks, ptrs, hyp, float(clip_coef),
-            PARAM_DTYPE=_TL_DTYPE[launch.param_dtype], STATE_DTYPE=_TL_DTYPE[launch.state_dtype],
-            HAS_MASTER=launch.has_master, ALIGNED=aligned, BLOCK=ADAMW_BLOCK,
-            num_warps=ADAMW_NUM_WARPS)
-
-
-class _Item(NamedTuple):
-    """One parameter's share of a step."""
-
-    param: torch.Tensor
-    grad: torch.Tensor
-    exp_avg: torch.Tensor
-    exp_avg_sq: torch.Tensor
-    master: torch.Tensor | None
-    step: torch.Tensor  # CPU float32 scalar, the steps taken so far
-    hyper: tuple  # (lr, beta1, beta2, eps, weight_decay)
-
-
-def _clip_coef(norm: torch.Tensor, max_grad_norm: float) -> float:
-    """``min(1, max_norm / (norm + 1e-6))`` in fp32, as ``clip_grad_norm_`` computes it."""
-    coef = max_grad_norm / (norm + _CLIP_EPS)  # fp32 tensor ops, like torch's
-    return float(torch.clamp(coef, max=1.0))
-
-
-def _fused_step(items: list[_Item], max_grad_norm: float | None,
-                skip_nonfinite: bool) -> tuple[bool, float | None]:
-    """The fused step over ``items``: (stepped, global grad norm or None when not computed)."""
-    if not items:
-        return True, None
-    norm_t = None
-    coef = 1.0
-    for i, it in enumerate(items):  # checked before anything is read
-        _check_tensor_set(i, it.param, it.grad, it.exp_avg, it.exp_avg_sq, it.master)
-        _check_device(it.param.device)
-    if max_grad_norm is not None or skip_nonfinite:
-        norm_t = torch.sqrt(adamw_grad_sumsq([it.grad for it in items]))
-        if not bool(torch.isfinite(norm_t)):
-            return False, float(norm_t)
-        if max_grad_norm is not None:
-            coef = _clip_coef(norm_t, max_grad_norm)
-    steps = [it.step for it in items]
-    torch._foreach_add_(steps, 1)
-    rows: dict[tuple, list[float]] = {}
-    hyper = []
-    for it in items:
-        key = (*it.hyper, float(it.step))
-        if key not in rows:
-            rows[key] = _hyper_row(*key)
-        hyper.append(rows[key])
-    _launch_update([it.param for it in items], [it.grad for it in items],
-                   [it.exp_avg for it in items], [it.exp_avg_sq for it in items], hyper,
-                   [it.master for it in items], coef)
-    return True, None if norm_t is None else float(norm_t)
 
 
 def adamw_step(
@@ -579,21 +697,23 @@ def adamw_step(
     exp_avg_sqs: list[torch.Tensor],
     steps: list[torch.Tensor],
     *,
-    lr: float,
+    lr: float | torch.Tensor,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     weight_decay: float = 1e-2,
     max_grad_norm: float | None = None,
     master_params: list[torch.Tensor | None] | None = None,
     skip_nonfinite: bool = True,
-) -> tuple[bool, float | None]:
+) -> torch.Tensor | None:
     """Functional fused AdamW step over one group of tensors, in place (``adamw_ref``'s twin).
 
-    Args: as ``adamw_ref``; ``master_params`` entries may be None for fp32 parameters.
+    Args: as ``adamw_ref``; ``steps`` are 0-d fp32 tensors on the parameters' device (as torch's
+        capturable AdamW keeps them; incremented on the device unless the step is skipped);
+        ``master_params`` entries may be None for fp32 parameters.
     Returns:
-        (stepped, grad norm): stepped is False when non-finite gradients skipped the step
-        (nothing is written, ``steps`` unchanged); the norm is None when it was not computed
-        (no clipping and ``skip_nonfinite=False``).
+        the (4,) fp32 device STATUS (sum of squared gradients, norm, clip coefficient, skip flag:
+        1.0 when non-finite gradients skipped the step and nothing was written), or None when
+        no norm was computed (no clipping and ``skip_nonfinite=False``). Nothing is read back.
     """
     _check_hyper(lr, betas, eps, weight_decay)
     max_grad_norm = _check_max_grad_norm(max_grad_norm)
@@ -601,9 +721,22 @@ def adamw_step(
         raise ValueError("adamw_step: all parameters must be on one device, got "
                          + ", ".join(sorted({str(p.device) for p in params})))
     masters = master_params if master_params is not None else [None] * len(params)
-    hyper = (float(lr), float(betas[0]), float(betas[1]), float(eps), float(weight_decay))
-    items = [_Item(*t, hyper) for t in zip(params, grads, exp_avgs, exp_avg_sqs, masters, steps)]
-    return _fused_step(items, max_grad_norm, skip_nonfinite)
+    items = [_Item(*t, 0) for t in zip(params, grads, exp_avgs, exp_avg_sqs, masters, steps)]
+    _check_items(items)
+    if not items:
+        return None
+    group = (lr, float(betas[0]), float(betas[1]), float(eps), float(weight_decay))
+    return _Stepper().step(items, [group], max_grad_norm, max_grad_norm is not None or skip_nonfinite)
+
+
+def _check_items(items: list[_Item]) -> None:
+    for i, it in enumerate(items):  # checked before anything is read
+        _check_tensor_set(i, it.param, it.grad, it.exp_avg, it.exp_avg_sq, it.master)
+        _check_device(it.param.device)
+        if it.step.device != it.param.device or it.step.dtype != torch.float32 or it.step.numel() != 1:
+            raise ValueError(f"parameter {i}: its step must be a one-element float32 tensor on "
+                             f"{it.param.device} (as torch's capturable AdamW keeps it), got "
+                             f"{it.step.dtype} {tuple(it.step.shape)} on {it.step.device}")
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -613,32 +746,50 @@ class FusedAdamW(torch.optim.Optimizer):
     Same math and state keys as ``torch.optim.AdamW`` (decoupled weight decay, bias correction),
     plus fp32 master weights for 16-bit parameters, fused global gradient-norm clipping and a
     skip of steps with non-finite gradients. Param groups may set their own ``lr``, ``betas``,
-    ``eps`` and ``weight_decay``; each step reads them (LR schedulers work).
+    ``eps`` and ``weight_decay``; each step reads them (LR schedulers work). ``step()`` reads
+    nothing back to the host: the norm, the clip coefficient, the skip decision and the step
+    counts ("step", on the parameter's device as with torch's ``capturable=True``) stay on the
+    device, and the pointer and hyper-parameter tables are rebuilt only when the parameters
+    (or their gradient buffers) or a float hyper-parameter change.
 
     Args:
         params: parameters or param groups.
-        lr, betas, eps, weight_decay: as ``torch.optim.AdamW``.
+        lr, betas, eps, weight_decay: as ``torch.optim.AdamW``; ``lr`` may be a one-element
+            tensor (updated in place by a scheduler: read on the device every step).
         master_weights: keep an fp32 master copy and fp32 moments for bf16 / fp16 parameters
             (state key "master_param"); the parameter becomes the master rounded each step.
         max_grad_norm: clip the global L2 norm of all gradients to this (None: no clipping).
-        skip_nonfinite: skip steps whose gradients hold inf / NaN (needs the norm pass and one
-            host sync per step; with ``max_grad_norm`` the norm is computed anyway).
+        skip_nonfinite: skip steps whose gradients hold inf / NaN (a norm pass over the
+            gradients; with ``max_grad_norm`` the norm is computed anyway).
+        capturable: as ``torch.optim.AdamW``'s: ``step()`` may be captured in a CUDA graph
+            (after one eager step; a changing lr given as a tensor). Without it a step under
+            capture raises.
 
     Attributes:
-        skipped_steps: number of steps skipped for non-finite gradients.
-        grad_norm: global gradient norm of the last ``step`` (before clipping), or None.
+        skipped_steps: number of steps skipped for non-finite gradients (reading it syncs).
+        grad_norm: global gradient norm of the last ``step`` (before clipping) as a 0-d device
+            tensor, or None when none was computed.
     """
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, master_weights: bool = False,
-                 max_grad_norm: float | None = None, *, skip_nonfinite: bool = True):
+    def __init__(self, params: Iterable, lr: float | torch.Tensor = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, master_weights: bool = False,
+                 max_grad_norm: float | None = None, *, skip_nonfinite: bool = True,
+                 capturable: bool = False):
         _check_hyper(lr, betas, eps, weight_decay)
         self.master_weights = bool(master_weights)
         self.max_grad_norm = _check_max_grad_norm(max_grad_norm)
         self.skip_nonfinite = bool(skip_nonfinite)
-        self.skipped_steps = 0
-        self.grad_norm: float | None = None
+        self.capturable = bool(capturable)
+        self.grad_norm: torch.Tensor | None = None
+        self._stepper = _Stepper()
+        self._skipped_before = 0  # skipped steps of a loaded state dict
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    @property
+    def skipped_steps(self) -> int:
+        counter = self._stepper.skipped
+        return self._skipped_before + (0 if counter is None else int(counter.sum().item()))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -650,8 +801,11 @@ class FusedAdamW(torch.optim.Optimizer):
         return self.master_weights and p.dtype in (torch.float16, torch.bfloat16)
 
     def _init_state(self, p: torch.Tensor, state: dict) -> None:
+        if _capturing(p.device):
+            raise RuntimeError(f"FusedAdamW.step() under CUDA-graph capture would create state: "
+                               f"{_CAPTURE_HINT}")
         state_dtype = torch.float32 if self._uses_master(p) else p.dtype
-        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
         if self._uses_master(p):
@@ -665,11 +819,13 @@ class FusedAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         items: list[_Item] = []
+        hyper: list[tuple] = []
         for gi, group in enumerate(self.param_groups):
             _check_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"],
                          f"param group {gi}: ")
-            hyper = (float(group["lr"]), float(group["betas"][0]), float(group["betas"][1]),
-                     float(group["eps"]), float(group["weight_decay"]))
+            lr = group["lr"] if isinstance(group["lr"], torch.Tensor) else float(group["lr"])
+            hyper.append((lr, float(group["betas"][0]), float(group["betas"][1]),
+                          float(group["eps"]), float(group["weight_decay"])))
             devices = set()
             for p in group["params"]:
                 if p.grad is None:
@@ -678,19 +834,24 @@ class FusedAdamW(torch.optim.Optimizer):
                     raise ValueError(f"param group {gi}: a parameter of shape {tuple(p.shape)} has "
                                      "a sparse gradient; FusedAdamW does not support sparse gradients")
                 devices.add(p.device)
+                if not self.capturable and _capturing(p.device):
+                    raise RuntimeError("FusedAdamW.step() is being captured in a CUDA graph but "
+                                       "the optimizer was made with capturable=False")
                 state = self.state[p]
                 if not state:
                     self._init_state(p, state)
                 grad = p.grad if p.grad.stride() == p.stride() else _relayout(p.grad, p)
                 items.append(_Item(p, grad, state["exp_avg"], state["exp_avg_sq"],
-                                   state.get("master_param"), state["step"], hyper))
+                                   state.get("master_param"), state["step"], gi))
             if len(devices) > 1:
                 raise ValueError(f"param group {gi} has parameters on different devices "
                                  f"({', '.join(sorted(map(str, devices)))}); FusedAdamW updates "
                                  "each group on one device")
-        stepped, self.grad_norm = _fused_step(items, self.max_grad_norm, self.skip_nonfinite)
-        if not stepped:
-            self.skipped_steps += 1
+        _check_items(items)
+        status = self._stepper.step(items, hyper, self.max_grad_norm,
+                                    self.max_grad_norm is not None or self.skip_nonfinite) \
+            if items else None
+        self.grad_norm = None if status is None else status[1]
         return loss
 
     def state_dict(self) -> dict[str, Any]:
@@ -703,7 +864,7 @@ class FusedAdamW(torch.optim.Optimizer):
 
         State values keep fp32 where this optimizer keeps fp32 (master weights), whatever the
         base class would cast them to; a missing master is made from the parameter; a "step"
-        is held as a CPU float32 tensor.
+        becomes a 0-d float32 tensor on the parameter's device.
         """
         for i, g in enumerate(state_dict["param_groups"]):
             for flag in ("amsgrad", "maximize"):
@@ -717,14 +878,15 @@ class FusedAdamW(torch.optim.Optimizer):
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         saved_state = state_dict["state"]
         super().load_state_dict(state_dict)
-        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+        self._stepper = _Stepper()  # new state tensors: new tables
+        self._skipped_before = int(state_dict.get("skipped_steps", 0))
         params = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(saved_ids, params):
             if pid not in saved_state:
                 continue
             saved, state = saved_state[pid], self.state[p]
             step = saved.get("step", 0.0)
-            state["step"] = torch.tensor(float(step), dtype=torch.float32)
+            state["step"] = torch.as_tensor(step).to(device=p.device, dtype=torch.float32).reshape(())
             dtype = torch.float32 if self._uses_master(p) else p.dtype
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in saved:  # from the saved tensor, not the base class's cast copy
@@ -833,19 +995,21 @@ def compile_specs() -> list[CompileSpec]:
     """
     specs: list[CompileSpec] = []
     stages = 3
-    upd_sig = dict(BLOCKS="*i32", PTRS="*i64", HYPER="*fp32", clip_coef="fp32",
+    upd_sig = dict(BLOCKS="*i32", PTRS="*i64", TAB="*fp32", STATUS="*fp32",
                    PARAM_DTYPE="constexpr", STATE_DTYPE="constexpr", HAS_MASTER="constexpr",
-                   ALIGNED="constexpr", BLOCK="constexpr")
+                   HAS_STATUS="constexpr", ALIGNED="constexpr", BLOCK="constexpr")
     cfg = f"BLOCK={ADAMW_BLOCK} warps={ADAMW_NUM_WARPS}"
     for aligned in (True, False):
         al = "aligned" if aligned else "unaligned"
         for par, st, master in _COMPILE_DTYPES:
             dt = f"{par} params, {st} state" + (" + fp32 master" if master else "")
-            specs.append(CompileSpec(
-                "_adamw_update_kernel", _adamw_update_kernel, upd_sig,
-                dict(PARAM_DTYPE=_TL_BY_NAME[par], STATE_DTYPE=_TL_BY_NAME[st], HAS_MASTER=master,
-                     ALIGNED=aligned, BLOCK=ADAMW_BLOCK),
-                ADAMW_NUM_WARPS, stages, f"adamw update {dt} {al} {cfg}"))
+            for has_status in (True, False):
+                norm = "norm" if has_status else "no norm"
+                specs.append(CompileSpec(
+                    "_adamw_update_kernel", _adamw_update_kernel, upd_sig,
+                    dict(PARAM_DTYPE=_TL_BY_NAME[par], STATE_DTYPE=_TL_BY_NAME[st], HAS_MASTER=master,
+                         HAS_STATUS=has_status, ALIGNED=aligned, BLOCK=ADAMW_BLOCK),
+                    ADAMW_NUM_WARPS, stages, f"adamw update {dt} {al} {norm} {cfg}"))
         for g in ("fp32", "fp16", "bf16"):
             specs.append(CompileSpec(
                 "_adamw_grad_sumsq_kernel", _adamw_grad_sumsq_kernel,
@@ -853,9 +1017,21 @@ def compile_specs() -> list[CompileSpec]:
                      ALIGNED="constexpr", BLOCK="constexpr"),
                 dict(GRAD_DTYPE=_TL_BY_NAME[g], ALIGNED=aligned, BLOCK=ADAMW_BLOCK),
                 ADAMW_NUM_WARPS, stages, f"adamw grad sum of squares {g} grads {al} {cfg}"))
-    specs.append(CompileSpec(
-        "_sum_kernel", _sum_kernel, dict(PART="*fp32", OUT="*fp32", n="i32", BLOCK="constexpr"),
-        dict(BLOCK=_SUM_BLOCK), 4, stages, f"adamw partial-sum reduce BLOCK={_SUM_BLOCK} warps=4"))
+    for clip in (True, False):
+        specs.append(CompileSpec(
+            "_sum_kernel", _sum_kernel,
+            dict(PART="*fp32", STATUS="*fp32", SKIPPED="*fp32", n="i32", max_grad_norm="fp32",
+                 HAS_CLIP="constexpr", BLOCK="constexpr"),
+            dict(HAS_CLIP=clip, BLOCK=_SUM_BLOCK), 4, stages,
+            f"adamw partial-sum reduce + {'clip coefficient' if clip else 'skip flag'} "
+            f"BLOCK={_SUM_BLOCK} warps=4"))
+    for has_status in (True, False):
+        specs.append(CompileSpec(
+            "_adamw_hyper_kernel", _adamw_hyper_kernel,
+            dict(PTRS="*i64", GROUP="*i32", HYPER="*fp64", TAB="*fp32", STATUS="*fp32", T="i32",
+                 HAS_STATUS="constexpr", BLOCK_T="constexpr"),
+            dict(HAS_STATUS=has_status, BLOCK_T=_HYPER_BLOCK_T), 4, stages,
+            f"adamw step scalars {'norm' if has_status else 'no norm'} BLOCK_T={_HYPER_BLOCK_T} warps=4"))
     return specs
 
 

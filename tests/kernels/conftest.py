@@ -11,12 +11,14 @@ HOST_READS = ("item", "cpu", "tolist", "__bool__")
 
 
 @pytest.fixture
-def no_host_reads(monkeypatch):
-    """``Tensor.item``, ``.cpu``, ``.tolist`` and ``.__bool__`` raise while the test runs.
+def no_host_reads():
+    """``Tensor.item``, ``.cpu``, ``.tolist`` and ``.__bool__`` raise while the test runs (or
+    until the test calls ``.undo()`` on the fixture's value, a ``pytest.MonkeyPatch``).
 
     Calls from Triton's CPU interpreter (and our corrections of it) are let through: it moves
     tensors to numpy to emulate a launch, which a GPU launch does not do.
     """
+    monkeypatch = pytest.MonkeyPatch()
     def guard(name, real):
         def method(self, *args, **kwargs):
             caller = sys._getframe(1).f_globals.get("__name__", "")
@@ -27,6 +29,8 @@ def no_host_reads(monkeypatch):
 
     for name in HOST_READS:
         monkeypatch.setattr(torch.Tensor, name, guard(name, getattr(torch.Tensor, name)))
+    yield monkeypatch
+    monkeypatch.undo()
 
 
 class LaunchRecorder:

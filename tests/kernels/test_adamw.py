@@ -206,7 +206,7 @@ def test_nonfinite_grads_skip_the_step(bad, clip, master):
     ours[4].grad[1000] = bad  # one element of one tensor
     opt.step()
     assert opt.skipped_steps == 1
-    assert not torch.isfinite(torch.tensor(opt.grad_norm))
+    assert not torch.isfinite(opt.grad_norm)
     assert_same_snapshot(snapshot(opt, ours), before)
     # the next finite step carries on as if the bad one never happened (torch never saw it)
     set_grads(3, ours, ref)
@@ -231,7 +231,7 @@ def test_skip_nonfinite_off_runs_no_norm_pass():
         opt.step()
     ref_opt.step()
     assert opt.grad_norm is None
-    assert [launch.kernel for launch in traffic.launches] == ["_adamw_update_kernel"]
+    assert [launch.kernel for launch in traffic.launches] == ["_adamw_hyper_kernel", "_adamw_update_kernel"]
     assert_close_to_torch(ours, opt, ref, ref_opt)
 
 
@@ -247,9 +247,10 @@ def test_one_update_launch_per_device_dtype_group():
     with record_traffic() as traffic:
         opt.step()
     names = sorted(launch.kernel for launch in traffic.launches)
-    # a norm pass per gradient dtype, one reduction, one update per (dtype, state) group
+    # a norm pass per gradient dtype, one reduction, per (dtype, state) group one launch that
+    # advances the step counts and writes the step's scalars, and one update
     assert names == sorted(["_adamw_grad_sumsq_kernel"] * 2 + ["_sum_kernel"]
-                           + ["_adamw_update_kernel"] * 2)
+                           + ["_adamw_hyper_kernel"] * 2 + ["_adamw_update_kernel"] * 2)
 
 
 def test_unaligned_views_params_without_grad_and_empty_params():
@@ -285,6 +286,125 @@ def test_grad_sumsq_accurate_and_deterministic():
     assert abs(total.item() - exact) <= REL_TOL * exact
     assert torch.equal(aw.adamw_grad_sumsq(grads), total)
     assert aw.adamw_grad_sumsq([]).item() == 0.0
+
+
+# ----------------------------------------------------------------------------- no host reads, cached tables, capture
+def test_step_reads_nothing_back(no_host_reads):
+    """Clipping, master weights, two groups under a scheduler, a skipped step: all on the device."""
+    ours = make_params(SHAPES, torch.bfloat16)
+    ref = clone_params(ours, torch.float32)
+    opt = FusedAdamW(groups(ours, 3, weight_decay=0.0), lr=1e-2, master_weights=True, max_grad_norm=1.0)
+    ref_opt = torch.optim.AdamW(groups(ref, 3, weight_decay=0.0), lr=1e-2)
+    sched = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (s + 1)) for o in (opt, ref_opt)]
+    norms = []
+    for step in range(4):
+        set_grads(step, ours)
+        if step == 2:
+            ours[4].grad[3] = float("nan")  # skipped: torch's side does not take this step
+        opt.step()
+        sched[0].step()
+        norms.append(opt.grad_norm)
+    with pytest.raises(AssertionError, match="a host read"):  # the guard itself works
+        bool(norms[0] > 0)
+    no_host_reads.undo()
+    for step in range(4):
+        if step != 2:
+            set_grads(step, ours, ref)  # (ours first: bf16-valued gradients, as above)
+            torch.nn.utils.clip_grad_norm_(ref, 1.0)
+            ref_opt.step()
+        sched[1].step()
+    assert opt.skipped_steps == 1 and not torch.isfinite(norms[2])
+    assert all(float(opt.state[p]["step"]) == 3.0 for p in ours)
+    assert_close_to_torch(ours, opt, ref, ref_opt, master=True)
+
+
+def test_tables_built_once_per_parameter_set(monkeypatch):
+    built = []
+    real_init = aw._Plan.__init__
+    monkeypatch.setattr(aw._Plan, "__init__", lambda self, *a: built.append(1) or real_init(self, *a))
+    copies = []
+    real_to_device = aw._to_device
+    monkeypatch.setattr(aw, "_to_device", lambda t, d: copies.append(t.shape) or real_to_device(t, d))
+    ours = make_params(SHAPES)
+    opt = FusedAdamW(groups(ours, 3, lr=1e-3), lr=1e-2, max_grad_norm=1.0)
+    grads = clone_params(ours)
+
+    def set_grads_in_place(step):  # as backward accumulates into kept gradient buffers
+        set_grads(step, grads)
+        for p, g in zip(ours, grads):
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad.copy_(g.grad)
+
+    for step in range(3):
+        set_grads_in_place(step)
+        opt.step()
+    assert len(built) == 1 and len(copies) == 3  # PTRS, GROUP, HYPER (BLOCKS is lru-cached)
+    opt.param_groups[1]["lr"] = 5e-4  # a float hyper-parameter changed: HYPER only
+    set_grads_in_place(3)
+    opt.step()
+    assert len(built) == 1 and copies[-1] == (2, 5)
+    ours[0].grad = ours[0].grad.clone()  # a gradient at another address: the tables again
+    opt.step()
+    assert len(built) == 2
+
+
+def test_hyper_kernel_matches_the_host_formula():
+    """The per-tensor scalars written on the device equal torch's double-precision formula
+    rounded to fp32, also far along (binary powering of beta at step 123457)."""
+    ours = make_params(SHAPES[:2])
+    opt = FusedAdamW(ours, lr=3e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.05)
+    for step in (0, 1, 123455):
+        for p in ours:
+            if p in opt.state:
+                opt.state[p]["step"].fill_(float(step))
+        set_grads(step, ours)
+        opt.step()
+        (plan,) = opt._stepper.plans.values()
+        want = torch.tensor(aw._hyper_row(3e-3, 0.9, 0.98, 1e-6, 0.05, step + 1), dtype=torch.float32)
+        assert torch.equal(plan.tab.cpu(), want.expand(2, 8)), (step, plan.tab, want)
+
+
+def test_tensor_lr_and_capturable_follow_torch():
+    ours = make_params(SHAPES)
+    ref = clone_params(ours)
+    opt = FusedAdamW(ours, lr=torch.tensor(1e-2, device=DEVICE), capturable=True, max_grad_norm=1.0)
+    ref_opt = torch.optim.AdamW(ref, lr=1e-2)
+    sched = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (s + 1)) for o in (opt, ref_opt)]
+    for step in range(4):
+        set_grads(step, ours, ref)
+        torch.nn.utils.clip_grad_norm_(ref, 1.0)
+        opt.step()
+        ref_opt.step()
+        for s in sched:
+            s.step()
+    assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)  # filled in place by the scheduler
+    assert len(opt._stepper.hyper) == 1  # built once: the tensor lr is copied on the device
+    assert all(opt.state[p]["step"].device == p.device for p in ours)
+    assert_close_to_torch(ours, opt, ref, ref_opt)
+    with pytest.raises(ValueError, match="lr as a tensor must hold one floating-point value"):
+        FusedAdamW(ours, lr=torch.tensor([1, 2]))
+
+
+def test_capture_needs_capturable_and_built_tables(monkeypatch):
+    """What a CUDA-graph capture of step() requires, checked with the capture flag faked."""
+    ours = make_params(SHAPES[:3])
+    opt = FusedAdamW(ours, lr=1e-2, capturable=True)
+    set_grads(0, ours)
+    opt.step()  # the eager warm-up step builds state and tables
+    monkeypatch.setattr(aw, "_capturing", lambda device: True)
+    opt.step()  # same parameters, same buffers: nothing to build
+    opt.param_groups[0]["lr"] = 1e-3
+    with pytest.raises(RuntimeError, match="changed float hyper-parameter.*as a tensor"):
+        opt.step()
+    opt.param_groups[0]["lr"] = 1e-2
+    ours[1].grad = ours[1].grad.clone()
+    with pytest.raises(RuntimeError, match="rebuild its pointer tables"):
+        opt.step()
+    fresh = clone_params(ours)
+    set_grads(1, fresh)
+    with pytest.raises(RuntimeError, match="capturable=False"):
+        FusedAdamW(fresh, lr=1e-2).step()
 
 
 # ----------------------------------------------------------------------------- state dicts
@@ -458,16 +578,22 @@ def test_check_cases(case, dtype):
 def test_compile_specs_cover_every_launch_configuration():
     specs = aw.compile_specs()
     upd = {(str(s.constexprs["PARAM_DTYPE"]), str(s.constexprs["STATE_DTYPE"]),
-            s.constexprs["HAS_MASTER"], s.constexprs["ALIGNED"]) for s in specs
-           if s.kernel == "_adamw_update_kernel"}
-    want = {(p, st, m, al) for p, st, m in [("fp32", "fp32", False), ("bf16", "bf16", False),
-                                            ("fp16", "fp16", False), ("bf16", "fp32", True),
-                                            ("fp16", "fp32", True)] for al in (True, False)}
+            s.constexprs["HAS_MASTER"], s.constexprs["ALIGNED"], s.constexprs["HAS_STATUS"])
+           for s in specs if s.kernel == "_adamw_update_kernel"}
+    want = {(p, st, m, al, hs) for p, st, m in [("fp32", "fp32", False), ("bf16", "bf16", False),
+                                                ("fp16", "fp32", True), ("fp16", "fp16", False),
+                                                ("bf16", "fp32", True)]
+            for al in (True, False) for hs in (True, False)}
     assert upd == want
     norm = {(str(s.constexprs["GRAD_DTYPE"]), s.constexprs["ALIGNED"]) for s in specs
             if s.kernel == "_adamw_grad_sumsq_kernel"}
     assert norm == {(g, al) for g in ("fp32", "fp16", "bf16") for al in (True, False)}
-    assert all(s.constexprs.get("BLOCK") in (aw.ADAMW_BLOCK, aw._SUM_BLOCK) for s in specs)
+    assert all(s.constexprs.get("BLOCK") in (aw.ADAMW_BLOCK, aw._SUM_BLOCK) for s in specs
+               if s.kernel != "_adamw_hyper_kernel")
+    assert {s.kernel for s in specs} == {"_adamw_update_kernel", "_adamw_grad_sumsq_kernel",
+                                         "_sum_kernel", "_adamw_hyper_kernel"}
+    for s in specs:
+        assert list(s.signature) == s.fn.arg_names, s.label
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16+master"])
