@@ -12,7 +12,8 @@ b_j = c_j / max(||c_j||, eps)::
 the gradient follows its clamp: below eps a row is divided by eps and its Jacobian term is 0).
 
 This file holds every layer of the op: the Triton kernels (``_simcse_*_kernel``), their launchers
-(``simcse_loss_fwd`` / ``simcse_loss_bwd``), the autograd Function, the functional form that
+(``simcse_loss_fwd`` / ``simcse_loss_bwd``), the custom ops (``minbert::simcse_loss``, with their
+autograd in ``SimCSELossFunction``; torch.compile traces them), the functional form that
 dispatches on the kernels backend, the ``SimCSELoss`` module and the eager reference
 ``simcse_loss_ref`` (it materialises the (N, M) logits) the kernels are tested against.
 
@@ -78,9 +79,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from ._backend import dispatch
+from ._utils import fake_grad, needed_or_none, op_output
 from .testing import CompileSpec, IOCase, OpCase
 
 NORM_EPS = 1e-8  # the normalisation's eps: x / max(||x||, eps), reference and kernels alike
@@ -415,14 +416,15 @@ def _simcse_bwd_dc_kernel(
     G,  # () fp32 upstream gradient of the loss
     DZ2,  # (N, D) gradient w.r.t. z2 (columns 0..N-1)
     DHN,  # (N, D) gradient w.r.t. the hard negatives (columns N..2N-1; written when HAS_HN)
-    N, D, inv_tau, inv_n, eps,
+    N, D, inv_tau, inv_n, eps, tile0,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NUM_D: tl.constexpr,
     BLOCK_K: tl.constexpr, EVEN_D: tl.constexpr, HAS_HN: tl.constexpr, RESIDENT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    # grid (column tiles, NUM_D): program (n, k) owns the columns of tile n (``_column_tile``),
-    # d-chunk k of their gradient
-    in_hn, local, cols = _column_tile(tl.program_id(0), N, BLOCK_N, HAS_HN)
+    # grid (column tiles, NUM_D): program (n, k) owns the columns of tile tile0 + n
+    # (``_column_tile``: tile0 > 0 skips z2's tiles when only the hard negatives need a
+    # gradient), d-chunk k of their gradient
+    in_hn, local, cols = _column_tile(tl.program_id(0) + tile0, N, BLOCK_N, HAS_HN)
     chunk = tl.program_id(1)
     col_ok = local < N
     C = tl.where(in_hn, HN, Z2)
@@ -649,14 +651,15 @@ def simcse_loss_fwd(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.0
 
 def simcse_loss_bwd(grad: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor, temperature: float,
                     hard_negatives: torch.Tensor | None, norms: torch.Tensor, lse: torch.Tensor,
-                    need_dz1: bool = True, need_dc: bool = True):
+                    need_dz1: bool = True, need_dz2: bool = True, need_dhn: bool = True):
     """Launch the backward kernels (no atomics: each gradient element is written by one program).
 
     Args:
         grad: the upstream gradient of the loss (one element, any float dtype, on z1's device).
         z1, z2, hard_negatives, temperature: the forward's inputs.
         norms, lse: the forward's fp32 row norms (N + M,) and row log-sum-exp (N,).
-        need_dz1, need_dc: skip the dz1 launch, or the one of dz2 and dhn, when not needed.
+        need_dz1, need_dz2, need_dhn: skip the dz1 launch, and the column tiles of z2 or of the
+            hard negatives in the dc launch, when their gradient is not needed.
     Returns:
         (dz1 or None, dz2 or None, dhn or None), each (N, d) in z1's dtype.
     """
@@ -684,43 +687,85 @@ def simcse_loss_bwd(grad: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor, temp
             z1, z2, hn_arg, norms, norms[N:], lse, g, dz1, *args,
             BLOCK_M=t.block_m, BLOCK_N=t.block_n, **meta,
             num_warps=t.num_warps, num_stages=t.num_stages)
-    if need_dc:
-        dz2 = torch.empty_like(z2)
-        dhn = None if hn is None else torch.empty_like(hn)
+    need_dhn = need_dhn and hn is not None
+    if need_dz2 or need_dhn:
+        dz2 = torch.empty_like(z2) if need_dz2 else None
+        dhn = torch.empty_like(hn) if need_dhn else None
         t = cfg.dc
-        tiles = triton.cdiv(N, t.block_n) * (1 if hn is None else 2)
+        tiles_z2 = triton.cdiv(N, t.block_n)  # column tiles of z2, then as many of hn
+        tile0 = 0 if need_dz2 else tiles_z2
+        tiles = tiles_z2 * (int(need_dz2) + int(need_dhn))
         _simcse_bwd_dc_kernel[(tiles, meta["NUM_D"])](
-            z1, z2, hn_arg, norms, norms[N:], lse, g, dz2, dz2 if dhn is None else dhn, *args,
+            z1, z2, hn_arg, norms, norms[N:], lse, g, dhn if dz2 is None else dz2,
+            dz2 if dhn is None else dhn, *args, tile0,
             BLOCK_M=t.block_m, BLOCK_N=t.block_n, **meta,
             num_warps=t.num_warps, num_stages=t.num_stages)
     return dz1, dz2, dhn
 
 
-class SimCSELossFunction(torch.autograd.Function):
-    """Autograd for ``simcse_loss_fwd`` / ``simcse_loss_bwd``: saves the inputs, the fp32 norms
-    and row LSE (N + M + N floats), nothing of size N x M."""
+# torch.library custom ops: torch.compile(fullgraph=True) traces through them (fake
+# implementations give shapes and dtypes); gradients nobody needs come back as empty tensors.
+@torch.library.custom_op(
+    "minbert::simcse_loss", mutates_args=(),
+    schema="(Tensor z1, Tensor z2, Tensor? hard_negatives, float temperature) -> (Tensor, Tensor, Tensor)")
+def _simcse_loss_op(z1, z2, hard_negatives, temperature):
+    return simcse_loss_fwd(z1, z2, temperature, hard_negatives)
+
+
+@_simcse_loss_op.register_fake
+def _(z1, z2, hard_negatives, temperature):
+    N = z1.shape[0]
+    M = N if hard_negatives is None else 2 * N
+    return (z1.new_empty(()), z1.new_empty((N + M,), dtype=torch.float32),
+            z1.new_empty((N,), dtype=torch.float32))
+
+
+@torch.library.custom_op(
+    "minbert::simcse_loss_bwd", mutates_args=(),
+    schema="(Tensor grad, Tensor z1, Tensor z2, Tensor? hard_negatives, float temperature, "
+           "Tensor norms, Tensor lse, bool[] needs) -> (Tensor, Tensor, Tensor)")
+def _simcse_loss_bwd_op(grad, z1, z2, hard_negatives, temperature, norms, lse, needs):
+    grads = simcse_loss_bwd(grad, z1, z2, temperature, hard_negatives, norms, lse, *needs)
+    return tuple(op_output(g, z1) for g in grads)
+
+
+@_simcse_loss_bwd_op.register_fake
+def _(grad, z1, z2, hard_negatives, temperature, norms, lse, needs):
+    like = (z1, z2, z2 if hard_negatives is None else hard_negatives)
+    return tuple(fake_grad(t, need and (i < 2 or hard_negatives is not None))
+                 for i, (t, need) in enumerate(zip(like, needs)))
+
+
+class SimCSELossFunction:
+    """Autograd of the ``minbert::simcse_loss`` op (``torch.library.register_autograd``): saves
+    the inputs, the fp32 norms and row LSE (N + M + N floats), nothing of size N x M; the
+    backward launches only what the needed gradients take."""
 
     @staticmethod
-    def forward(ctx, z1, z2, hard_negatives, temperature):
-        loss, norms, lse = simcse_loss_fwd(z1, z2, temperature, hard_negatives)
+    def setup_context(ctx, inputs, output):
+        z1, z2, hard_negatives, temperature = inputs
+        _, norms, lse = output
         ctx.save_for_backward(z1, z2, hard_negatives, norms, lse)
         ctx.temperature = temperature
-        return loss
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
+    def backward(ctx, grad, dnorms, dlse):
         z1, z2, hn, norms, lse = ctx.saved_tensors
-        need_dz1 = ctx.needs_input_grad[0]
-        need_dc = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        dz1, dz2, dhn = simcse_loss_bwd(grad, z1, z2, ctx.temperature, hn, norms, lse,
-                                        need_dz1=need_dz1, need_dc=need_dc)
-        return dz1, dz2, dhn, None
+        needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                 ctx.needs_input_grad[2] and hn is not None]
+        grads = torch.ops.minbert.simcse_loss_bwd(grad, z1, z2, hn, ctx.temperature, norms, lse, needs)
+        return (*(needed_or_none(g, need) for g, need in zip(grads, needs)), None)
+
+
+torch.library.register_autograd("minbert::simcse_loss", SimCSELossFunction.backward,
+                                setup_context=SimCSELossFunction.setup_context)
 
 
 def _simcse_loss_triton(z1, z2, temperature=0.05, hard_negatives=None):
     """The SimCSE loss on the Triton kernels; see ``simcse_loss_ref``. Returns a 0-d tensor."""
-    return SimCSELossFunction.apply(z1, z2, hard_negatives, _check_temperature(temperature))
+    _, _, temperature = _check_kernel_inputs(z1, z2, hard_negatives, temperature)  # (before the
+    # op: a meta tensor would send it to its fake implementation, which checks nothing)
+    return torch.ops.minbert.simcse_loss(z1, z2, hard_negatives, temperature)[0]
 
 
 # ----------------------------------------------------------------------------- public functions

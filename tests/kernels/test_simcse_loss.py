@@ -175,6 +175,25 @@ def test_partial_gradients_and_no_grad():
     assert loss.shape == () and not loss.requires_grad
 
 
+def test_backward_launches_only_for_needed_gradients(record_launches):
+    """needs_input_grad reaches the launches: no dz1 launch for a frozen z1, only the column tiles
+    of the tensors that need a gradient in the dc launch (tile0 skips z2's)."""
+    z1, z2, hn = _inputs(20, 48, seed=2)
+    full = torch.autograd.grad(S._simcse_loss_triton(z1, z2, 0.1, hn), (z1, z2, hn))
+    dz1 = record_launches(S, "_simcse_bwd_dz1_kernel", run=True)
+    dc = record_launches(S, "_simcse_bwd_dc_kernel", run=True)
+    tiles_z2 = -(-20 // S._config(48, F32).dc.block_n)
+    (only_hn,) = torch.autograd.grad(S._simcse_loss_triton(z1.detach(), z2.detach(), 0.1, hn), (hn,))
+    assert dz1.calls == [] and len(dc.calls) == 1
+    grid, args, _ = dc.calls[0]
+    assert grid[0] == tiles_z2 and args[-1] == tiles_z2  # hn's tiles only
+    assert torch.equal(only_hn, full[2])
+    dc.calls.clear()
+    torch.autograd.grad(S._simcse_loss_triton(z1, z2, 0.1, hn.detach()), (z1, z2))
+    (grid, args, _), = dc.calls
+    assert grid[0] == tiles_z2 and args[-1] == 0 and len(dz1.calls) == 1
+
+
 def test_non_contiguous_inputs_match_contiguous():
     g = torch.Generator().manual_seed(3)
     wide = torch.randn(17, 2 * 40, generator=g).to(DEVICE).requires_grad_()
@@ -202,7 +221,7 @@ def test_module_and_dispatch(monkeypatch):
     with kernels.use_backend("triton"):
         fused = module(z1, z2, hn)
     assert calls == [1]
-    assert type(fused.grad_fn).__name__ == "SimCSELossFunctionBackward"
+    assert type(fused.grad_fn).__name__ == "GeneratedBackwardFor_minbert_simcse_loss_defaultBackward"
     assert torch.allclose(fused, eager, rtol=1e-5, atol=1e-6)
     assert torch.equal(eager, S.simcse_loss_ref(z1, z2, 0.1, hn))
 
