@@ -20,8 +20,11 @@ configuration its launchers can choose) and ``io_cases()`` (``IOCase``: memory-t
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -120,6 +123,78 @@ class IOCase:
     flops: int
 
 
+# ----------------------------------------------------------------------------- test device, launches
+DEVICE_ENV = "MINBERT_TEST_DEVICE"
+
+
+def kernels_device() -> str:
+    """The device the kernel tests launch on: ``"cpu"`` (Triton's interpreter) or ``"cuda"``.
+
+    tests/conftest.py decides it once (``--kernels-device`` / ``$MINBERT_TEST_DEVICE``) and
+    exports it as ``$MINBERT_TEST_DEVICE`` before any test module is imported; outside pytest the
+    same variable is read, else ``cpu`` exactly when ``TRITON_INTERPRET=1``.
+    """
+    device = os.environ.get(DEVICE_ENV, "").strip()
+    if device:
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"${DEVICE_ENV}={device!r}: choose cpu or cuda")
+        return device
+    return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+
+
+_counters: list[Counter] = []  # the open count_launches() blocks, innermost last
+_saved_runs: dict[type, Callable] = {}
+
+
+def _kernel_classes() -> list[type]:
+    """The classes whose ``run`` launches a kernel: ``fn[grid](...)`` calls ``fn.run(grid=...)``."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    return [JITFunction, InterpretedFunction]
+
+
+def _counting_run(original: Callable) -> Callable:
+    def run(self, *args, grid, warmup, **kwargs):
+        if not warmup:
+            name = getattr(getattr(self, "fn", None), "__name__", None) or repr(self)
+            for counter in _counters:
+                counter[name] += 1
+        return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    run.__minbert_launch_counter__ = True
+    return run
+
+
+@contextlib.contextmanager
+def count_launches() -> Iterator[Counter]:
+    """Count the Triton kernel launches inside the block, by kernel name::
+
+        with count_launches() as n:
+            attention(q, k, v).sum().backward()
+        assert n["_attention_fwd_kernel"] == 1
+
+    Wraps ``run`` of Triton's ``JITFunction`` (compiled kernels, GPU) and ``InterpretedFunction``
+    (``TRITON_INTERPRET=1``), which every ``kernel[grid](...)`` launch goes through (autotuners
+    and heuristics end there too); warm-up compiles are not launches. Blocks may nest; the
+    wrappers are removed when the outermost block ends.
+    """
+    counter: Counter = Counter()
+    if not _counters:
+        for cls in _kernel_classes():
+            _saved_runs[cls] = cls.run
+            cls.run = _counting_run(cls.run)
+    _counters.append(counter)
+    try:
+        yield counter
+    finally:
+        _counters.remove(counter)
+        if not _counters:
+            while _saved_runs:
+                cls, original = _saved_runs.popitem()
+                cls.run = original
+
+
 # ----------------------------------------------------------------------------- comparisons
 def _as_tuple(out: Any) -> tuple:
     return tuple(out) if isinstance(out, (tuple, list)) else (out,)
@@ -187,9 +262,13 @@ def _compare(case: str, dtype: torch.dtype, what: str, kernel: Tensor | None, ea
     return Comparison(case, dtype, what, err, eager_err, budget, err <= budget, where)
 
 
-def compare_case(case: OpCase, device: torch.device | str, dtype: torch.dtype,
-                 seed: int = 0) -> list[Comparison]:
+def compare_case(case: OpCase, device: torch.device | str, dtype: torch.dtype, seed: int = 0,
+                 launches: Iterable[str] | None = None) -> list[Comparison]:
     """Kernel vs eager vs fp32 reference on every output and every input gradient of ``case``.
+
+    ``launches``: names of Triton kernels the kernel run (forward and backward) must launch at
+    least once each; one more ``Comparison`` per name (``what = "launch <name>"``), failing when
+    the kernel never launched (an eager fallback inside a launcher cannot pass).
 
     The three runs see identical input values (the reference gets fp32 copies, or fp64 copies
     when ``dtype`` is fp32, as fresh leaves so its gradients keep that precision) and identical
@@ -211,9 +290,10 @@ def compare_case(case: OpCase, device: torch.device | str, dtype: torch.dtype,
     upstream = [None if s is None else torch.randn(s, generator=gen).to(dtype) for s in shapes]
     e_out, e_grads = _run(case.ref_fn, e_in, upstream, upcast=False)
     r_out, r_grads = _run(case.ref_fn, r_in, upstream, **ref_kw)
-    k_out, k_grads = _run(case.kernel_fn, k_in, upstream)
+    with count_launches() as launched:
+        k_out, k_grads = _run(case.kernel_fn, k_in, upstream)
 
-    results = []
+    results = [_launch_check(case.name, dtype, name, launched) for name in (launches or ())]
     if len(k_out) != len(r_out):
         results.append(Comparison(case.name, dtype, "out", float("inf"), float("nan"), float("nan"),
                                   False, f"kernel returned {len(k_out)} outputs, reference {len(r_out)}"))
@@ -229,9 +309,17 @@ def compare_case(case: OpCase, device: torch.device | str, dtype: torch.dtype,
     return results
 
 
-def assert_case(case: OpCase, device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> None:
+def _launch_check(case: str, dtype: torch.dtype, kernel: str, launched: Counter) -> Comparison:
+    n = launched[kernel]
+    where = (f"launched {n} time(s)" if n else
+             f"never launched (launched: {dict(launched) or 'no Triton kernel at all'})")
+    return Comparison(case, dtype, f"launch {kernel}", 0.0 if n else float("inf"), 0.0, 0.0, n > 0, where)
+
+
+def assert_case(case: OpCase, device: torch.device | str, dtype: torch.dtype, seed: int = 0,
+                launches: Iterable[str] | None = None) -> None:
     """``compare_case``, raising AssertionError that lists every failing comparison."""
-    results = compare_case(case, device, dtype, seed)
+    results = compare_case(case, device, dtype, seed, launches)
     failed = [c for c in results if not c.ok]
     if failed:
         lines = "\n  ".join(str(c) for c in failed)

@@ -1,18 +1,90 @@
-"""Shared fixtures: where the CS224N data and the embedded checkpoint live."""
+"""Shared fixtures and the test environment, decided once before anything imports triton.
+
+Kernel device (``--kernels-device cpu|cuda`` or ``$MINBERT_TEST_DEVICE``; default ``cuda`` when a
+GPU is visible and ``TRITON_INTERPRET`` is not 1, else ``cpu``):
+
+  - ``cpu``: ``TRITON_INTERPRET=1`` is set here, in ``pytest_configure``, before the test modules
+    (and with them ``kernels`` and every ``@triton.jit``) are imported: the kernels run on CPU
+    tensors in Triton's interpreter. Tests marked ``gpu`` are skipped with a reason.
+  - ``cuda``: compiled kernels on the GPU; ``TRITON_INTERPRET`` must not be 1. Tests marked
+    ``interpreter`` (they read the interpreter's internals) are skipped with a reason.
+
+The choice is exported as ``$MINBERT_TEST_DEVICE``, which ``kernels.testing.kernels_device()``
+(the kernel test modules' ``DEVICE``) and subprocesses read; no test module sets
+``TRITON_INTERPRET`` itself.
+"""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-# Without a GPU the Triton kernels run on CPU tensors through Triton's interpreter, which must be
-# chosen before triton is first imported.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
+DEVICE_ENV = "MINBERT_TEST_DEVICE"  # kernels.testing.DEVICE_ENV: the same name
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--kernels-device", choices=("cpu", "cuda"), default=None,
+        help=f"where the Triton kernel tests run: cpu (Triton's interpreter) or cuda (compiled "
+             f"kernels); default ${DEVICE_ENV}, else cuda when available")
+
+
+def _resolve_device(config: pytest.Config) -> str:
+    requested = config.getoption("--kernels-device") or os.environ.get(DEVICE_ENV, "").strip() or None
+    if requested not in (None, "cpu", "cuda"):
+        raise pytest.UsageError(f"${DEVICE_ENV}={requested!r}: choose cpu or cuda")
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if requested is None:
+        return "cuda" if torch.cuda.is_available() and not interpret else "cpu"
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise pytest.UsageError("--kernels-device cuda: torch sees no CUDA device")
+        if interpret:
+            raise pytest.UsageError("--kernels-device cuda runs compiled kernels: unset TRITON_INTERPRET")
+    return requested
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    device = _resolve_device(config)
+    # TRITON_INTERPRET is read when a @triton.jit function is decorated: once a kernel module is
+    # imported, its kernels are compiled or interpreted for good
+    imported = sorted(m for m in sys.modules if m == "kernels" or m.startswith("kernels."))
+    wanted = "1" if device == "cpu" else None
+    if imported and os.environ.get("TRITON_INTERPRET") != wanted:
+        raise pytest.UsageError(f"{', '.join(imported)} imported before tests/conftest.py chose the "
+                                f"kernels device ({device}); TRITON_INTERPRET can no longer change")
+    if device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"
+    os.environ[DEVICE_ENV] = device
+    config.kernels_device = device
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    how = "Triton's interpreter on CPU tensors" if config.kernels_device == "cpu" else "compiled kernels"
+    return f"kernels device: {config.kernels_device} ({how})"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    device = config.kernels_device
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU: run pytest -m gpu --kernels-device cuda "
+                                       "on a machine with one")
+    skip_interp = pytest.mark.skip(reason="reads Triton's CPU interpreter; the kernels device is "
+                                          "cuda (compiled kernels)")
+    for item in items:
+        if device == "cpu" and "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+        if device == "cuda" and "interpreter" in item.keywords:
+            item.add_marker(skip_interp)
+
+
+@pytest.fixture(scope="session")
+def kernels_device(pytestconfig: pytest.Config) -> torch.device:
+    """The device the Triton kernel tests launch on (cpu: the interpreter)."""
+    return torch.device(pytestconfig.kernels_device)
 
 
 @pytest.fixture(scope="session")

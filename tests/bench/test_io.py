@@ -5,10 +5,7 @@ This file is also an op module for ``python -m bench.io --module <this file>``: 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before the @triton.jit below is decorated
 
 import pytest
 import torch
@@ -20,6 +17,9 @@ from kernels.check import OP_MODULES, load_op_modules
 from kernels.testing import IOCase
 
 THIS_FILE = str(Path(__file__).resolve())
+# the kernel traffic is recorded inside Triton's interpreter: tests/conftest.py set
+# TRITON_INTERPRET=1 before this module was imported (kernels device cpu); on cuda these skip
+interpreter = pytest.mark.interpreter
 
 
 @triton.jit
@@ -69,6 +69,7 @@ def _copy(x: torch.Tensor) -> torch.Tensor:
     return y
 
 
+@interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_copy_with_masked_tail_is_exact(dtype):
     x = torch.randn(N).to(dtype)
@@ -82,6 +83,7 @@ def test_copy_with_masked_tail_is_exact(dtype):
         ("_copy_kernel", (4,), nbytes, nbytes)]
 
 
+@interpreter
 def test_reading_twice_doubles_total_not_unique():
     x = torch.randn(N)
     y = torch.empty_like(x)
@@ -92,6 +94,7 @@ def test_reading_twice_doubles_total_not_unique():
     assert t.total_write == t.unique_write == N * 4
 
 
+@interpreter
 def test_two_launches_dedupe_across_launches():
     x = torch.randn(N)
     with bench_io.record_traffic() as t:
@@ -102,6 +105,7 @@ def test_two_launches_dedupe_across_launches():
     assert t.unique == 3 * N * 4  # x, y, z
 
 
+@interpreter
 def test_atomics_count_read_and_write_per_lane():
     x = torch.ones(N)
     out = torch.zeros(1)
@@ -112,6 +116,7 @@ def test_atomics_count_read_and_write_per_lane():
     assert t.unique == N * 4 + 4
 
 
+@interpreter
 def test_recording_stops_after_the_block():
     x = torch.randn(N)
     with bench_io.record_traffic() as t:
@@ -174,6 +179,7 @@ def io_cases(tokens: int, hidden: int, dtype: torch.dtype) -> list[IOCase]:
     return [IOCase("toy_copy", lambda: _copy(x), lambda: x.clone(), 2 * nbytes, 0)]
 
 
+@interpreter
 def test_cli_on_toy_module(tmp_path, capsys):
     out = tmp_path / "io.json"
     rc = bench_io.main(["--module", THIS_FILE, "--tokens", "3,5", "--hidden", "100", "--dtype", "fp16",
@@ -190,6 +196,7 @@ def test_cli_on_toy_module(tmp_path, capsys):
     assert "modelled" in text and "toy_copy" in text
 
 
+@interpreter
 def test_real_op_modules_small(tmp_path, capsys):
     present = load_op_modules("io_cases", OP_MODULES, log=lambda msg: None)
     out = tmp_path / "io.json"

@@ -1,33 +1,23 @@
 """FusedAdamW against torch.optim.AdamW, stepped N times from identical states.
 
-On CPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set before triton is
-imported). Parameters and moments are compared by max relative error per tensor,
+On CPU the kernels run in Triton's interpreter (tests/conftest.py chooses the device before triton
+is imported). Parameters and moments are compared by max relative error per tensor,
 ``max|ours - torch| / max|torch|`` (``max_rel``), against ``REL_TOL`` = 1e-6.
 """
 from __future__ import annotations
 
 import io
-import os
 
 import pytest
 import torch
 
 from kernels import adamw as aw
 from kernels.adamw import FusedAdamW
-from kernels.testing import assert_case
+from kernels.testing import assert_case, count_launches, kernels_device
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cpu" if INTERPRET else "cuda"
-
-pytestmark = pytest.mark.skipif(
-    not INTERPRET and not torch.cuda.is_available(),
-    reason="Triton kernels need a CUDA GPU or TRITON_INTERPRET=1 set before triton is imported")
-
-if INTERPRET:
-    # fp32 -> bf16 rounds to nearest even as on GPUs (the interpreter truncates); idempotent
-    from kernels import _interpreter
-
-    _interpreter.install()
+DEVICE = kernels_device()  # tests/conftest.py decides it (cpu: Triton's interpreter)
+# one step of a check case: the gradient-norm pass (non-finite check, clipping) and the update
+LAUNCHES = ("_adamw_grad_sumsq_kernel", "_adamw_update_kernel")
 
 REL_TOL = 1e-6
 # one element, primes, exactly one block (2048), more than one block with a ragged tail (2053, 2112)
@@ -225,42 +215,37 @@ def test_skip_nonfinite_off_runs_no_norm_pass():
     opt = FusedAdamW(ours, lr=1e-2, skip_nonfinite=False)
     ref_opt = torch.optim.AdamW(ref, lr=1e-2)
     set_grads(0, ours, ref)
-    from bench.io import record_traffic
-
-    with record_traffic() as traffic:
+    with count_launches() as launched:
         opt.step()
     ref_opt.step()
     assert opt.grad_norm is None
-    assert [launch.kernel for launch in traffic.launches] == ["_adamw_hyper_kernel", "_adamw_update_kernel"]
+    assert launched == {"_adamw_hyper_kernel": 1, "_adamw_update_kernel": 1}
     assert_close_to_torch(ours, opt, ref, ref_opt)
 
 
 def test_one_update_launch_per_device_dtype_group():
-    from bench.io import record_traffic
-
     fp32 = make_params(SHAPES, torch.float32)
     bf16 = make_params(SHAPES[:3], torch.bfloat16, seed=1)
     opt = FusedAdamW([{"params": fp32[:3] + bf16[:2]}, {"params": fp32[3:] + bf16[2:], "lr": 1e-4}],
                      master_weights=True, max_grad_norm=1.0)
     set_grads(0, fp32)
     set_grads(0, bf16)
-    with record_traffic() as traffic:
+    with count_launches() as launched:
         opt.step()
-    names = sorted(launch.kernel for launch in traffic.launches)
     # a norm pass per gradient dtype, one reduction, per (dtype, state) group one launch that
     # advances the step counts and writes the step's scalars, and one update
-    assert names == sorted(["_adamw_grad_sumsq_kernel"] * 2 + ["_sum_kernel"]
-                           + ["_adamw_hyper_kernel"] * 2 + ["_adamw_update_kernel"] * 2)
+    assert launched == {"_adamw_grad_sumsq_kernel": 2, "_sum_kernel": 1, "_adamw_hyper_kernel": 2,
+                        "_adamw_update_kernel": 2}
 
 
 def test_unaligned_views_params_without_grad_and_empty_params():
     # parameters that are views at odd offsets of one buffer (not 16-byte aligned), a parameter
     # without a gradient (skipped: no state, as torch) and a zero-element one
     gen = torch.Generator().manual_seed(5)
-    buf = torch.randn(3 + 2053 + 7 + 1, generator=gen)
+    buf = torch.randn(3 + 2053 + 7 + 1, generator=gen).to(DEVICE)
     views = [buf[3:3 + 2053], buf[3 + 2053:3 + 2053 + 7], buf[-1:]]
-    ours = [torch.nn.Parameter(v) for v in views] + [torch.nn.Parameter(torch.randn(5)),
-                                                      torch.nn.Parameter(torch.empty(0))]
+    ours = [torch.nn.Parameter(v) for v in views] + [torch.nn.Parameter(torch.randn(5, device=DEVICE)),
+                                                      torch.nn.Parameter(torch.empty(0, device=DEVICE))]
     assert ours[0].data_ptr() % 16 != 0
     ref = clone_params(ours)
     opt = FusedAdamW(ours, lr=1e-2, weight_decay=0.1)
@@ -278,11 +263,11 @@ def test_unaligned_views_params_without_grad_and_empty_params():
 
 def test_grad_sumsq_accurate_and_deterministic():
     gen = torch.Generator().manual_seed(2)
-    grads = [torch.randn(s, generator=gen) * 3 for s in [(1,), (2053,), (64, 65), (4096,)]]
-    grads.append(torch.randn(100, generator=gen).bfloat16())
+    grads = [torch.randn(s, generator=gen).to(DEVICE) * 3 for s in [(1,), (2053,), (64, 65), (4096,)]]
+    grads.append(torch.randn(100, generator=gen).to(DEVICE, torch.bfloat16))
     total = aw.adamw_grad_sumsq(grads)
     exact = sum(g.double().pow(2).sum() for g in grads).item()
-    assert total.dtype == torch.float32 and total.device.type == "cpu"
+    assert total.dtype == torch.float32 and total.device.type == DEVICE
     assert abs(total.item() - exact) <= REL_TOL * exact
     assert torch.equal(aw.adamw_grad_sumsq(grads), total)
     assert aw.adamw_grad_sumsq([]).item() == 0.0
@@ -529,7 +514,7 @@ def test_bad_group_hyperparameters_raise():
 
 def test_sparse_grad_raises():
     p = make_params([(4, 3)])
-    p[0].grad = torch.eye(4, 3).to_sparse()
+    p[0].grad = torch.eye(4, 3, device=DEVICE).to_sparse()
     with pytest.raises(ValueError, match="sparse"):
         FusedAdamW(p).step()
 
@@ -542,9 +527,8 @@ def test_params_on_different_devices_in_a_group_raise():
         FusedAdamW(ps).step()
 
 
-@pytest.mark.skipif(not INTERPRET, reason="CPU tensors are checked against the interpreter")
 def test_cpu_tensors_without_the_interpreter_raise(monkeypatch):
-    ps = make_params(SHAPES[:2])
+    ps = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES[:2]]  # CPU, whatever DEVICE is
     set_grads(0, ps)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="CPU tensors"):
@@ -554,11 +538,11 @@ def test_cpu_tensors_without_the_interpreter_raise(monkeypatch):
 
 
 def test_unsupported_dtype_and_non_dense_params_raise():
-    p = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+    p = torch.nn.Parameter(torch.randn(3, dtype=torch.float64, device=DEVICE))
     p.grad = torch.zeros_like(p)
     with pytest.raises(ValueError, match="float64"):
         FusedAdamW([p]).step()
-    q = torch.nn.Parameter(torch.randn(4, 6)[:, ::2])  # strided: not dense
+    q = torch.nn.Parameter(torch.randn(4, 6, device=DEVICE)[:, ::2])  # strided: not dense
     q.grad = torch.zeros_like(q)
     with pytest.raises(ValueError, match="not dense"):
         FusedAdamW([q]).step()
@@ -572,7 +556,7 @@ CHECK_DTYPES = [pytest.param(d, id=str(d).replace("torch.", ""))
 @pytest.mark.parametrize("dtype", CHECK_DTYPES)
 @pytest.mark.parametrize("case", aw.check_cases(), ids=lambda c: c.name)
 def test_check_cases(case, dtype):
-    assert_case(case, DEVICE, dtype)
+    assert_case(case, DEVICE, dtype, launches=LAUNCHES)
 
 
 def test_compile_specs_cover_every_launch_configuration():
@@ -596,6 +580,7 @@ def test_compile_specs_cover_every_launch_configuration():
         assert list(s.signature) == s.fn.arg_names, s.label
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16+master"])
 def test_io_cases_stay_at_the_lower_bound(dtype):
     from bench.io import measure_case

@@ -1,7 +1,7 @@
 """The fused attention kernels (forward, dK/dV, dQ) against the eager reference ``attention_ref``.
 
-On CPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set by tests/conftest.py
-before triton is imported). Every accuracy comparison goes through ``kernels.testing`` (error
+On CPU the kernels run in Triton's interpreter (tests/conftest.py chooses the device before triton
+is imported). Every accuracy comparison goes through ``kernels.testing`` (error
 budget: 2x eager's error against the fp32 reference + ``ATOL[dtype]``), on the output and on dQ,
 dK and dV. Cases with dropout hand the reference the kernels' own keep-mask
 (``_attention_dropout_mask``), so forward and backward are both checked with dropout on.
@@ -9,32 +9,22 @@ dK and dV. Cases with dropout hand the reference the kernels' own keep-mask
 from __future__ import annotations
 
 import importlib
-import os
 import warnings
 
 import pytest
 import torch
 
 import kernels
-from kernels.testing import assert_case
+from kernels.testing import assert_case, count_launches, kernels_device
 
 # ``kernels.attention`` is the public function (kernels/__init__.py re-exports it), so the module
 # is taken from sys.modules
 A = importlib.import_module("kernels.attention")
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cpu" if INTERPRET else "cuda"
-
-pytestmark = pytest.mark.skipif(
-    not INTERPRET and not torch.cuda.is_available(),
-    reason="Triton kernels need a CUDA GPU or TRITON_INTERPRET=1 set before triton is imported")
-
-if INTERPRET:
-    # bf16 tl.dot and fp32 -> bf16 rounding fixes of the interpreter (idempotent; kernels/__init__
-    # installs them too under TRITON_INTERPRET=1)
-    from kernels import _interpreter
-
-    _interpreter.install()
+DEVICE = kernels_device()  # tests/conftest.py decides it (cpu: Triton's interpreter)
+# every accuracy case runs forward and backward: each of these must launch
+LAUNCHES = ("_attention_fwd_kernel", "_attention_bwd_preprocess_kernel", "_attention_bwd_dkdv_kernel",
+            "_attention_bwd_dq_kernel")
 
 # dtype and tolerance travel together: each comparison reads kernels.testing.ATOL[dtype]
 DTYPES = [pytest.param(d, id=str(d).replace("torch.", "")) for d in
@@ -70,12 +60,12 @@ def _grid(cases):
 # ----------------------------------------------------------------------------- accuracy
 @pytest.mark.parametrize("case, dtype", _grid(CASES))
 def test_matches_reference(case, dtype):
-    assert_case(case, DEVICE, dtype)
+    assert_case(case, DEVICE, dtype, launches=LAUNCHES)
 
 
 @pytest.mark.parametrize("case, dtype", _grid(DROPOUT_CASES))
 def test_matches_reference_with_dropout(case, dtype):
-    assert_case(case, DEVICE, dtype)
+    assert_case(case, DEVICE, dtype, launches=LAUNCHES)
 
 
 @pytest.mark.slow
@@ -86,16 +76,25 @@ def test_matches_reference_with_dropout(case, dtype):
     A.attention_case(1, 1, 2048, 64, dropout_p=0.1, all_padding_row=False),
 ]))
 def test_large_shapes(case, dtype):
-    assert_case(case, DEVICE, dtype)
+    assert_case(case, DEVICE, dtype, launches=LAUNCHES)
 
 
 def test_check_cases_cover_every_switch():
-    """``python -m kernels.check`` runs these in every dtype: every head dim, dropout on and off,
-    padding on and off, both layouts, length 1."""
-    names = " ".join(c.name for c in A.check_cases())
-    for part in ("D32", "D64", "D128", "dropout", "plain" if "plain" in names else "bhld", "L1 "):
-        assert part in names, part
-    assert "padded" in names
+    """``python -m kernels.check`` runs these in every dtype. Read from the inputs the cases make
+    (not their names): every head dim, dropout on and off, padding on and off with an
+    all-padding batch row, strided and contiguous q, length 1, a custom softmax scale."""
+    seen = set()
+    for case in A.check_cases():
+        inp = case.make_inputs(torch.device("cpu"), torch.float32, 0)
+        q, mask = inp["q"], inp["key_padding_mask"]
+        seen.add(f"D{q.shape[-1]}")
+        seen.add("dropout" if inp["dropout_p"] > 0 else "no dropout")
+        seen.add("strided" if not q.is_contiguous() else "contiguous")
+        seen |= {"no mask"} if mask is None else {"mask"} | ({"empty row"} if (~mask).all(1).any() else set())
+        seen |= {"L1"} if q.shape[2] == 1 else set()
+        seen |= {"scale"} if inp["softmax_scale"] is not None else set()
+    assert seen == {"D32", "D64", "D128", "dropout", "no dropout", "strided", "contiguous", "mask",
+                    "no mask", "empty row", "L1", "scale"}
 
 
 # ----------------------------------------------------------------------------- padding
@@ -137,8 +136,8 @@ def test_dropout_mask_depends_on_position_only(monkeypatch):
 def test_dropout_independent_of_kernel_tiles(monkeypatch):
     """Other block sizes drop the same elements: outputs and grads agree to rounding."""
     q, k, v = _qkv(2, 2, 45, 32, seed=2)
-    mask = torch.rand(2, 45, generator=torch.Generator().manual_seed(0)) > 0.2
-    do = torch.randn(2, 2, 45, 32)
+    mask = (torch.rand(2, 45, generator=torch.Generator().manual_seed(0)) > 0.2).to(DEVICE)
+    do = torch.randn(2, 2, 45, 32).to(DEVICE)
 
     def run():
         ins = [t.detach().clone().requires_grad_() for t in (q, k, v)]
@@ -181,9 +180,9 @@ def test_backward_bitwise_deterministic(D, dtype):
     """No atomics: 20 backward runs give identical bits (fp32 at D=128 runs dK and dV as two
     launches)."""
     q, k, v = _qkv(2, 2, 37, D, dtype=dtype, seed=3)
-    mask = torch.ones(2, 37, dtype=torch.bool)
+    mask = torch.ones(2, 37, dtype=torch.bool, device=DEVICE)
     mask[1, 30:] = False
-    do = torch.randn(2, 2, 37, D, generator=torch.Generator().manual_seed(4)).to(dtype)
+    do = torch.randn(2, 2, 37, D, generator=torch.Generator().manual_seed(4)).to(DEVICE, dtype)
     out = A._attention_triton(q, k, v, mask, dropout_p=0.1, seed=21)
     first = torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
     for _ in range(19):  # 20 backward runs in all
@@ -195,14 +194,14 @@ def test_backward_bitwise_deterministic(D, dtype):
 def test_strided_inputs_are_read_in_place_and_match_contiguous():
     q, k, v = _qkv(2, 3, 21, 64, seed=5)
     assert not q.is_contiguous()
-    mask = torch.ones(2, 21, dtype=torch.bool)
+    mask = torch.ones(2, 21, dtype=torch.bool, device=DEVICE)
     mask[0, 15:] = False
     cq, ck, cv = (t.detach().contiguous().requires_grad_() for t in (q, k, v))
     out, ref = A._attention_triton(q, k, v, mask), A._attention_triton(cq, ck, cv, mask)
     assert torch.equal(out, ref)
     # the output takes q's (B, L, H, D) memory order: minBERT's transpose + reshape is a view
     assert out.transpose(1, 2).is_contiguous()
-    dy = torch.randn(2, 21, 3, 64).transpose(1, 2)  # a strided upstream gradient
+    dy = torch.randn(2, 21, 3, 64).to(DEVICE).transpose(1, 2)  # a strided upstream gradient
     out.backward(dy)
     ref.backward(dy.contiguous())
     for a, b in zip((q, k, v), (cq, ck, cv)):
@@ -211,14 +210,14 @@ def test_strided_inputs_are_read_in_place_and_match_contiguous():
     # an expanded upstream gradient (stride 0), as out.sum() gives
     g = torch.autograd.grad(A._attention_triton(cq, ck, cv, mask).sum(), (cq, ck, cv))
     g_ref = torch.autograd.grad(A._attention_triton(cq, ck, cv, mask), (cq, ck, cv),
-                                torch.ones(2, 3, 21, 64))
+                                torch.ones(2, 3, 21, 64, device=DEVICE))
     for a, b in zip(g, g_ref):
         assert torch.equal(a, b)
 
 
 def test_empty_inputs():
     for shape in [(0, 2, 5, 32), (2, 2, 0, 32)]:
-        q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
+        q, k, v = (torch.randn(shape, device=DEVICE, requires_grad=True) for _ in range(3))
         out = A._attention_triton(q, k, v)
         assert out.shape == shape
         out.sum().backward()
@@ -228,22 +227,22 @@ def test_empty_inputs():
 # ----------------------------------------------------------------------------- input checks
 def test_bad_inputs_raise_value_error(monkeypatch):
     q, k, v = _qkv(2, 2, 5, 32, requires_grad=False)
-    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask = torch.ones(2, 5, dtype=torch.bool, device=DEVICE)
     fwd = A.attention_fwd
     with pytest.raises(ValueError, match="head_dim 48 is not supported.*32, 64, 128"):
-        fwd(*(torch.randn(2, 2, 5, 48) for _ in range(3)))
+        fwd(*(torch.randn(2, 2, 5, 48, device=DEVICE) for _ in range(3)))
     with pytest.raises(ValueError, match=r"k has shape \(2, 2, 6, 32\) but q has \(2, 2, 5, 32\)"):
-        fwd(q, torch.randn(2, 2, 6, 32), v)
+        fwd(q, torch.randn(2, 2, 6, 32, device=DEVICE), v)
     with pytest.raises(ValueError, match=r"v has dtype torch.float16 but q has torch.float32"):
         fwd(q, k, v.half())
     with pytest.raises(ValueError, match="q has dtype torch.int32"):
-        fwd(*(torch.zeros(2, 2, 5, 32, dtype=torch.int32) for _ in range(3)))
+        fwd(*(torch.zeros(2, 2, 5, 32, dtype=torch.int32, device=DEVICE) for _ in range(3)))
     with pytest.raises(ValueError, match=r"q must have shape \(batch, heads, length, head_dim\)"):
-        fwd(*(torch.randn(2, 5, 32) for _ in range(3)))
+        fwd(*(torch.randn(2, 5, 32, device=DEVICE) for _ in range(3)))
     with pytest.raises(ValueError, match=r"key_padding_mask has shape \(2, 6\), expected \(2, 5\)"):
-        fwd(q, k, v, torch.ones(2, 6, dtype=torch.bool))
+        fwd(q, k, v, torch.ones(2, 6, dtype=torch.bool, device=DEVICE))
     with pytest.raises(ValueError, match=r"key_padding_mask has dtype torch.int64; it must be torch.bool"):
-        fwd(q, k, v, torch.ones(2, 5, dtype=torch.long))
+        fwd(q, k, v, torch.ones(2, 5, dtype=torch.long, device=DEVICE))
     for p in (1.0, -0.1):
         with pytest.raises(ValueError, match=r"dropout_p must lie in \[0, 1\)"):
             fwd(q, k, v, mask, dropout_p=p)
@@ -255,11 +254,11 @@ def test_bad_inputs_raise_value_error(monkeypatch):
         fwd(q, k, v, torch.ones(2, 5, dtype=torch.bool, device="meta"))
     # through the public function too
     with pytest.raises(ValueError, match="head_dim 16 is not supported"), kernels.use_backend("triton"):
-        kernels.attention(*(torch.randn(1, 1, 3, 16) for _ in range(3)))
+        kernels.attention(*(torch.randn(1, 1, 3, 16, device=DEVICE) for _ in range(3)))
     # CPU tensors need the interpreter: the check is called with the variable removed
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="got CPU tensors.*TRITON_INTERPRET=1"):
-        A._check_device(q=q)
+        A._check_device(q=q.cpu())
 
 
 def test_fp32_head_dim_128_runs_the_kernels():
@@ -275,17 +274,18 @@ def test_fp32_head_dim_128_runs_the_kernels():
 
 
 # ----------------------------------------------------------------------------- dispatch and minBERT
-def test_public_function_dispatches_to_triton(monkeypatch):
+def test_public_function_dispatches_to_triton():
     q, k, v = _qkv(1, 2, 9, 32, seed=6)
-    with kernels.use_backend("triton"):
+    with kernels.use_backend("triton"), count_launches() as launched:
         out = kernels.attention(q, k, v)
     assert type(out.grad_fn).__name__ == "AttentionFunctionBackward"
-    with kernels.use_backend("eager"):
-        assert out.grad_fn is not None and type(kernels.attention(q, k, v).grad_fn).__name__ != \
-            "AttentionFunctionBackward"
+    assert launched == {"_attention_fwd_kernel": 1}
+    with kernels.use_backend("eager"), count_launches() as launched:
+        eager = kernels.attention(q, k, v)
+    assert type(eager.grad_fn).__name__ != "AttentionFunctionBackward" and not launched
 
 
-def test_minbert_embedded_checkpoint_triton_matches_eager(monkeypatch):
+def test_minbert_embedded_checkpoint_triton_matches_eager():
     """minBERT (all-MiniLM-L6-v2, head_dim 32) forward + backward, triton vs eager backends.
 
     Tolerance: the kernels' error budget at model level. Both backends are compared with the
@@ -299,11 +299,11 @@ def test_minbert_embedded_checkpoint_triton_matches_eager(monkeypatch):
     """
     import minbert
 
-    model = minbert.BertModel.from_pretrained().eval()
+    model = minbert.BertModel.from_pretrained().eval().to(DEVICE)
     tok = minbert.Tokenizer.from_pretrained()
     enc = tok(["the quick brown fox jumps over the lazy dog near the river bank",
                "a short padded one"])
-    ids, mask = enc.input_ids, enc.attention_mask
+    ids, mask = enc.input_ids.to(DEVICE), enc.attention_mask.to(DEVICE)
     assert ids.shape[1] >= 12 and int(mask[1].sum()) < ids.shape[1]
     g = torch.Generator().manual_seed(7)
 
@@ -317,18 +317,11 @@ def test_minbert_embedded_checkpoint_triton_matches_eager(monkeypatch):
         return h.detach().double(), {n: p.grad.double() for n, p in m.named_parameters()
                                      if p.grad is not None}
 
-    weights = torch.randn(ids.shape + (model.config.hidden_size,), generator=g)
-    calls = []
-    real = A._attention_triton
-
-    def counted(*a, **kw):
-        calls.append(1)
-        return real(*a, **kw)
-
-    with monkeypatch.context() as m:
-        m.setattr(A, "_attention_triton", counted)
+    weights = torch.randn(ids.shape + (model.config.hidden_size,), generator=g).to(DEVICE)
+    with count_launches() as launched:
         tri = run(model, "triton", torch.float32)
-    assert len(calls) == model.config.num_hidden_layers  # the kernel ran in every layer
+    layers = model.config.num_hidden_layers
+    assert {k: launched[k] for k in LAUNCHES} == dict.fromkeys(LAUNCHES, layers), launched  # every layer
     eager = run(model, "eager", torch.float32)
     ref = run(model.double(), "eager", torch.float64)
 
@@ -362,6 +355,7 @@ def test_compile_specs_cover_every_config():
                 assert (kernel, D, dt, t.block_m, t.block_n, t.num_warps, t.num_stages) in seen
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("D, dtype", [(64, torch.bfloat16), (64, torch.float32), (128, torch.float32)],
                          ids=["D64-bf16", "D64-fp32", "D128-fp32"])
 def test_io_traffic_matches_formulas(D, dtype):

@@ -1,6 +1,8 @@
 """The backend switch and the eager references' defining properties."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -71,21 +73,40 @@ def test_layer_norm_ref_residual_dropout_prenorm():
     assert (y - F.layer_norm(expect_pre, (29,), w, b, 1e-12)).abs().max().item() <= 1e-6
 
 
+def _gelu64(z: torch.Tensor, approximate: str) -> torch.Tensor:
+    """GELU written out in fp64 from its definitions (Hendrycks & Gimpel): x * Phi(x), or the
+    tanh approximation 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))."""
+    z = z.double()
+    if approximate == "none":
+        return 0.5 * z * (1.0 + torch.erf(z / math.sqrt(2.0)))
+    return 0.5 * z * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (z + 0.044715 * z ** 3)))
+
+
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_bias_gelu_ref(approximate):
-    x, bias = torch.randn(5, 13), torch.randn(13)
-    out = kernels.bias_gelu(x, bias, approximate=approximate)
-    assert torch.equal(out, F.gelu(x + bias, approximate=approximate))
+    g = torch.Generator().manual_seed(3)
+    x, bias = torch.randn(5, 13, generator=g) * 3, torch.randn(13, generator=g)
+    expect = _gelu64(x.double() + bias.double(), approximate)
+    for out in (kernels.bias_gelu(x, bias, approximate=approximate),  # the eager backend's path
+                kernels.bias_gelu_ref(x, bias, approximate)):
+        assert out.dtype == torch.float32
+        # fp32 rounding of x + bias, then of GELU: a few ulps of values up to ~10
+        assert (out.double() - expect).abs().max().item() <= 4 * 2**-23 * expect.abs().max().item()
+    # the two forms differ by up to ~1e-3 near |z| ~ 2: a wrong ``approximate`` cannot pass
+    other = _gelu64(x.double() + bias.double(), "tanh" if approximate == "none" else "none")
+    assert (other - expect).abs().max().item() > 1e-4
     with pytest.raises(ValueError, match="approximate must be"):
         kernels.bias_gelu(x, bias, approximate="fast")
 
 
 def test_triton_backend_without_kernel_runs_reference_and_warns(monkeypatch):
     monkeypatch.setattr(_backend, "_warned_missing", set())
-    x, bias = torch.randn(4, 8), torch.randn(8)
+    g = torch.Generator().manual_seed(4)
+    x, bias = torch.randn(4, 8, generator=g), torch.randn(8, generator=g)
     from kernels import layernorm_gelu
 
     monkeypatch.setattr(layernorm_gelu, "_bias_gelu_triton", None)  # an op without a kernel
     with kernels.use_backend("triton"), pytest.warns(UserWarning, match="no Triton kernel for 'bias_gelu'"):
         out = kernels.bias_gelu(x, bias)
-    assert torch.equal(out, F.gelu(x + bias))
+    expect = _gelu64(x.double() + bias.double(), "none")
+    assert (out.double() - expect).abs().max().item() <= 4 * 2**-23 * expect.abs().max().item()

@@ -4,10 +4,6 @@ bf16 ``tl.dot`` on raw bits, fp32 -> bf16 conversion by truncation, and the help
 """
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before any @triton.jit below is decorated
-
 import numpy as np
 import pytest
 import torch
@@ -16,6 +12,10 @@ import triton.language as tl
 import triton.runtime.interpreter as interp
 
 from kernels import _interpreter
+
+# tests/conftest.py set TRITON_INTERPRET=1 before this module was imported (kernels device cpu),
+# so the @triton.jit functions below are interpreted; on cuda every test here is skipped
+pytestmark = pytest.mark.interpreter
 
 
 @triton.jit
