@@ -894,7 +894,9 @@ def _autocast_out_dtype(device: torch.device) -> torch.dtype | None:
 def _layer_norm_op(x, weight, bias, residual, seed, eps, dropout_p, return_prenorm, out_dtype):
     y, h, mean, rstd, _ = layer_norm_fwd(x, weight, bias, eps, residual, dropout_p, seed,
                                          return_prenorm, out_dtype)
-    return y, (h if h is not None else x.new_empty(0)), mean, rstd
+    if h is None:  # an empty stand-in, of h's dtype as the fake gives it
+        h = x.new_empty(0, dtype=_prenorm_dtype(x.dtype, None if residual is None else residual.dtype))
+    return y, h, mean, rstd
 
 
 @_layer_norm_op.register_fake
