@@ -7,7 +7,11 @@ Public API (each op dispatches on the backend chosen by ``set_backend`` / ``$MIN
   - ``bias_gelu(x, bias, approximate="none")``
   - ``gelu_layer_norm(x, bias, weight, ln_bias, eps=1e-12, approximate="none")``
   - ``simcse_loss(z1, z2, temperature=0.05, hard_negatives=None)``
-  - ``FusedAdamW(params, lr, betas, eps, weight_decay, master_weights=False, max_grad_norm=None)``
+  - ``FusedAdamW(params, lr, betas, eps, weight_decay, master_weights=False, max_grad_norm=None,
+    capturable=False)``
+
+The Triton paths of the layer-norm family and of simcse_loss are ``torch.library`` custom ops
+(namespace ``minbert``), so ``torch.compile(fullgraph=True)`` traces them.
 """
 import os as _os
 
