@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from train.config import TrainConfig, from_dict  # noqa: E402
 from minbert.heads import MultitaskBert  # noqa: E402
 from minbert.model import BertModel  # noqa: E402
-from train.loop import Trainer, TrainingError, latest_checkpoint  # noqa: E402
+from train.checkpoints import read_latest  # noqa: E402
+from train.loop import Trainer, TrainingError  # noqa: E402
 from train.simcse import SimCSEStage  # noqa: E402
 
 NO_DROPOUT = {"hidden_dropout": 0.0, "attention_dropout": 0.0, "head_dropout": 0.0}
@@ -151,7 +152,7 @@ def main() -> int:
                 trainer.fit()
                 results[name] = {"error": None}
             except TrainingError as e:
-                results[name] = {"error": str(e), "latest": str(latest_checkpoint(out / name))}
+                results[name] = {"error": str(e), "latest": str(read_latest(out / name / "checkpoints"))}
             finally:
                 MultitaskBert.loss = staticmethod(real_loss)
             continue
@@ -171,7 +172,7 @@ def main() -> int:
             except KeyboardInterrupt:
                 pass
             resumed = Trainer(cfg, args.data, out / name, resume=out / name, progress=False)
-            results[name] = {"latest": str(latest_checkpoint(out / name)), "resumed_step": resumed.step}
+            results[name] = {"latest": str(read_latest(out / name / "checkpoints")), "resumed_step": resumed.step}
             continue
         if name.startswith("simcse"):
             results[name] = simcse_scenario(from_dict(TrainConfig, table[name]), args.data, out / name)
