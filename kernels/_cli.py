@@ -10,7 +10,9 @@ use it; it imports nothing heavy itself.
 from __future__ import annotations
 
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 DEBUG_FLAG = "--debug"
 USER_ERROR_STATUS = 2
@@ -53,3 +55,34 @@ def run_cli(main: Callable[[list[str]], int | None], argv: Sequence[str] | None 
         print(f"{prefix}error: {one_line(e)}", file=sys.stderr, flush=True)
         return USER_ERROR_STATUS
     return 0 if status is None else int(status)
+
+
+def check_writable(path: str | Path, what: str) -> None:
+    """``path`` is, or can become, a directory this process can write in (tried, not guessed: a
+    read-only mount or a missing permission fails here, before any work); else a UserError
+    naming ``what`` (e.g. "--out")."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path} is a file, not a directory: give a directory")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{what} {path} cannot be created: {probe} is a file")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise UserError(f"{what} {path} is not writable ({e.strerror or e} in {probe}): choose "
+                        "another path") from None
+
+
+def check_output_file(path: str | Path | None, what: str) -> None:
+    """An output file ``path`` (None: none asked for) can be written: not a directory, and its
+    directory writable."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a directory: give a file name")
+    check_writable(path.parent, f"{what} {path}: the directory")

@@ -22,7 +22,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -215,24 +214,6 @@ def run_contents(out: Path) -> list[str]:
     """The names in ``out`` that show it holds a run."""
     out = Path(out)
     return [name for name in RUN_MARKERS if (out / name).exists()] if out.is_dir() else []
-
-
-def check_writable(path: Path, what: str) -> None:
-    """``path`` is, or can become, a directory this process can write in; else a UserError."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{what} {path} is a file, not a directory: give a directory")
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UserError(f"{what} {path} cannot be created: {probe} is a file")
-    try:
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as e:
-        raise UserError(f"{what} {path} is not writable ({e.strerror or e} in {probe}): choose "
-                        "another directory") from None
 
 
 def resolve_run(path: str | Path) -> tuple[Path, str, Path | None]:

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str]) -> int:
     from minbert.tokenizer import Tokenizer
 
-    from .checkpoints import check_writable
+    from kernels._cli import check_writable
     from .data import check_data_dir
     from .export import load_multitask
 

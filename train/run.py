@@ -28,9 +28,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (deepspeed train/run.py): make `train` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kernels._cli import USER_ERROR_STATUS, USER_ERRORS, UserError, run_cli  # noqa: E402
-from train.checkpoints import (CHECKPOINTS, CONFIG, LOG, check_writable, cut_log,  # noqa: E402
-                               list_checkpoints, move_aside, read_latest, resolve_run, run_contents)
+from kernels._cli import USER_ERROR_STATUS, USER_ERRORS, UserError, check_writable, run_cli  # noqa: E402
+from train.checkpoints import (CHECKPOINTS, CONFIG, LOG, cut_log, list_checkpoints,  # noqa: E402
+                               move_aside, read_latest, resolve_run, run_contents)
 from train.config import TrainConfig, check_resume, load_config  # noqa: E402
 
 

@@ -349,7 +349,10 @@ class Stage:
         checkpoint chosen at construction, if resuming."""
         import deepspeed
 
-        optimizer = build_optimizer(self.cfg, model, lr, offload=offloads_optimizer(ds_config))
+        offload = offloads_optimizer(ds_config)
+        optimizer = build_optimizer(self.cfg, model, lr, offload=offload)
+        if offload and type(optimizer).__name__ != "DeepSpeedCPUAdam":  # optim.name "adamw" asked for
+            ds_config = {**ds_config, "zero_force_ds_cpu_optimizer": False}  # torch's AdamW on the CPU
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(self.cfg, self.total_steps, warmup_ratio))
         self.ds_config = ds_config

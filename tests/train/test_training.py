@@ -22,7 +22,7 @@ from train.data import load_task
 REPO = Path(__file__).resolve().parents[2]
 WORKER = REPO / "tests" / "train" / "ds_worker.py"
 TWO_RANK_SCENARIOS = ("zero0,zero1,zero2,zero2-fused,pcgrad,fp32,fp32-resume,learn,nan,interrupted-save,"
-                      "simcse-sup,simcse-unsup")
+                      "simcse-sup,simcse-unsup,sigterm,truncated,simcse-resume,offload")
 ONE_PROC_SCENARIOS = "zero2,pcgrad,simcse-sup"
 
 
@@ -115,6 +115,58 @@ def test_resume_continues_with_the_same_losses(results):
     assert len(split["first"]) == 2 and len(split["second"]) == 4
     resumed = split["first"] + split["second"]
     _assert_losses_close(resumed, full, 1e-6)
+    # steps 3 and 4 were logged, then lost (no checkpoint): log.jsonl holds each step once
+    assert split["logged_steps"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_sigterm_to_rank_0_mid_epoch_saves_there_and_resumes_like_an_uninterrupted_run(results):
+    r, full = results["two"]["sigterm"], results["two"]["fp32"]
+    # the signal came after step 3 on rank 0 only; both ranks agreed at the next check (step 4)
+    assert [s["step"] for s in r["stopped"]] == [4, 4]
+    assert r["stopped"][0]["reason"] == "SIGTERM" and r["stopped"][0]["total_steps"] == 6
+    assert r["stopped"][0]["checkpoint"].endswith("step0000004") and r["checkpoint_problem"] is None
+    assert len(r["first"]) == 4 and len(r["second"]) == 2
+    _assert_losses_close(r["first"] + r["second"], full["losses"], 1e-6)
+    assert r["history"] == full["history"] and r["best_step"] == 6  # the same dev scores
+
+
+def test_truncated_checkpoint_falls_back_with_a_warning_naming_the_file(results):
+    r = results["two"]["truncated"]
+    assert r["damaged"] in r["warning"] and "falling back to" in r["warning"]
+    assert r["warning"].rstrip().endswith("step0000002")
+    assert r["resumed_step"] == 2
+    # the run resumed from step 2 ends as the uninterrupted one (same config but save_every_steps)
+    _assert_losses_close(r["losses"], results["two"]["zero2"]["losses"], 1e-6)
+    # the damaged step 4 was rewritten on the new timeline; every checkpoint left verifies
+    assert r["left"] == ["step0000002", "step0000004", "step0000006"] and r["latest"] == "step0000006"
+    assert r["problems"] == [None, None, None]
+
+
+def test_resume_with_another_subset_size_is_refused_naming_the_key(results):
+    refused = results["two"]["truncated"]["refused"]
+    assert refused is not None
+    assert "tasks.sst.max_train: 48 in the checkpoint, 40 now" in refused
+
+
+def test_simcse_stage_resumes_on_the_skeleton(results):
+    r, full = results["two"]["simcse-resume"], results["two"]["simcse-sup"]
+    assert r["resumed_step"] == 3 and r["report"]["steps"] == 6
+    _assert_losses_close([{"simcse": v} for v in r["losses"]], [{"simcse": v} for v in full["losses"]], 1e-6)
+    assert r["report"]["zero_shot_sts_before"] == full["report"]["zero_shot_sts_before"]
+    assert not r["checkpoints_left"]  # the export is the stage's result; its checkpoints go
+
+
+def test_zero_offload_from_the_users_deepspeed_json(results):
+    """"auto" filled from the run config, the bucket size from the model, the optimizer on the
+    CPU as DeepSpeed's CPU Adam; it trains like the GPU-resident optimizer."""
+    r = results["two"]["offload"]
+    ds = r["ds_config"]
+    assert ds["train_batch_size"] == 8 and ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 1 and ds["bf16"] == {"enabled": True}
+    assert ds["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu"},
+                                       "reduce_bucket_size": 64 * 64, "overlap_comm": False}
+    assert r["optimizer"] == "DeepSpeedCPUAdam"
+    _assert_losses_close(r["losses"], results["two"]["zero2"]["losses"], BF16_REL)
 
 
 def test_zero2_bf16_training_loss_falls(results):
