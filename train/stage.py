@@ -122,7 +122,9 @@ def _set_rng_state(state: dict) -> None:
 
 # ----------------------------------------------------------------------------- stop requests
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-LAUNCHERS = ("deepspeed", "torchrun", "torch.distributed.run")
+# a launcher's command line: a program of one of these names, or python -m one of these modules
+LAUNCHER_PROGRAMS = ("deepspeed", "torchrun")
+LAUNCHER_MODULES = ("deepspeed.launcher.launch", "deepspeed.launcher.runner", "torch.distributed.run")
 
 
 class StopRequests:
@@ -186,8 +188,8 @@ def _launcher_processes() -> list:
     try:
         p = psutil.Process().parent()
         while p is not None and len(found) < 2:
-            cmd = " ".join(p.cmdline())
-            if not any(name in cmd for name in LAUNCHERS):
+            args = p.cmdline()
+            if not any(os.path.basename(a) in LAUNCHER_PROGRAMS or a in LAUNCHER_MODULES for a in args[:4]):
                 break
             found.append(p)
             p = p.parent()
