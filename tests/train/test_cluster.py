@@ -21,6 +21,7 @@ from train.checkpoints import (CheckpointError, choose_checkpoint, cut_log, list
                                prune, read_latest, tag_for, verify, write_manifest)
 from train.config import (RESUME_MAY_CHANGE, ConfigError, TrainConfig, check_resume, from_dict,
                           load_config, merge_deepspeed, resume_differences)
+from train.stage import STOP, Stage
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -417,3 +418,71 @@ def test_stop_signals_set_the_reason_and_a_dead_launcher_does_too(tmp_path):
     finally:
         launcher.kill()
         launcher.wait()
+
+
+# ----------------------------------------------------------------------------- the loop's saving rules
+class CountingStage(Stage):
+    """The skeleton's loop (Stage.fit) with a step that only counts and a save that only records:
+    when it saves and when it stops, without DeepSpeed."""
+
+    def __init__(self, **cfg):
+        self.cfg = from_dict(TrainConfig, {"steps_per_epoch": 5, "epochs": 2, **cfg})
+        self.step, self.total_steps, self.steps_per_epoch = 0, 10, 5
+        self.world, self.is_main, self.show_progress = 1, True, False
+        self.stopped, self._saved_step, self._last_save = None, None, time.monotonic()
+        self.saves, self.epochs, self.on_step = [], [], None
+
+    def train_step(self):
+        self.step += 1
+        if self.on_step:
+            self.on_step(self)
+
+    def end_of_epoch(self, bar):
+        self.epochs.append(self.step)
+
+    def save_checkpoint(self):
+        if self._saved_step != self.step:
+            self.saves.append(self.step)
+            self._saved_step, self._last_save = self.step, time.monotonic()
+        return Path(f"step{self.step}")
+
+
+def test_loop_saves_at_epoch_ends_and_every_n_steps():
+    stage = CountingStage(save_every_steps=3)
+    stage.fit()
+    assert stage.epochs == [5, 10] and stage.saves == [3, 5, 6, 9, 10] and stage.stopped is None
+
+
+def test_loop_saves_every_n_minutes_at_the_agreement_steps(monkeypatch):
+    from train import stage as stage_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(stage_module.time, "monotonic", lambda: clock[0])
+    stage = CountingStage(save_every_minutes=1.0, stop_check_every=2)
+
+    def tick(s):
+        clock[0] += 25.0  # 25 s per step: a minute has passed after 3 steps
+
+    stage.on_step = tick
+    stage.fit()
+    # checks at 2, 4, 5 (epoch end, saved), 6, 8, 10: due at 4 (100 s), 8 (75 s after 5)
+    assert stage.saves == [4, 5, 8, 10]
+
+
+def test_loop_stops_at_the_next_agreement_step_after_a_signal():
+    stage = CountingStage(stop_check_every=4)
+    stage.on_step = lambda s: STOP.request("SIGTERM") if s.step == 5 else None
+    try:
+        stage.fit()
+    finally:
+        STOP.clear()
+    # step 5 is an epoch end (saved, then checked: the request is seen there)
+    assert stage.saves == [5] and stage.stopped == {"reason": "SIGTERM", "step": 5, "total_steps": 10,
+                                                   "checkpoint": "step5"}
+    stage = CountingStage(stop_check_every=4)
+    stage.on_step = lambda s: STOP.request("SIGUSR1") if s.step == 6 else None
+    try:
+        stage.fit()
+    finally:
+        STOP.clear()
+    assert stage.saves == [5, 8] and stage.stopped["step"] == 8 and stage.stopped["reason"] == "SIGUSR1"
