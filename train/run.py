@@ -29,8 +29,9 @@ if __package__ in (None, ""):  # run as a script (deepspeed train/run.py): make 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kernels._cli import USER_ERROR_STATUS, USER_ERRORS, UserError, check_writable, run_cli  # noqa: E402
-from train.checkpoints import (CHECKPOINTS, CONFIG, LOG, cut_log, list_checkpoints,  # noqa: E402
-                               move_aside, read_latest, resolve_run, run_contents)
+from train.checkpoints import (CHECKPOINTS, CONFIG, LOG, MANIFEST, check_world_size,  # noqa: E402
+                               cut_log, list_checkpoints, move_aside, read_latest, resolve_run,
+                               run_contents)
 from train.config import TrainConfig, check_resume, load_config  # noqa: E402
 
 
@@ -152,6 +153,9 @@ def preflight(args, overrides: list[tuple[str, str]]) -> Plan:
             raise UserError(f"--resume {explicit}: resume a SimCSE stage from its run directory {run_dir}")
         if explicit is not None or list_checkpoints(run_dir / CHECKPOINTS):
             multitask_checkpoint = explicit or run_dir
+            newest = explicit or read_latest(run_dir / CHECKPOINTS)
+            if newest is not None and (newest / MANIFEST).is_file():
+                check_world_size(newest, _launch_world())
         elif not (cfg.simcse.enabled and ((run_dir / STAGE_DIR / REPORT).is_file()
                                           or list_checkpoints(run_dir / SIMCSE_CHECKPOINTS))):
             raise UserError(f"--resume {run_dir}: the run saved no checkpoint yet, so there is nothing to "

@@ -269,6 +269,7 @@ def test_run_py_refuses_an_out_that_holds_a_run_and_changes_nothing(tmp_path, ca
     (lambda d: ["--resume", str(d / "run"), "--config", SMOKE, "--optim.lr", "1e6"],
      "optim.lr: 0.0001 in the checkpoint, 1000000.0 now"),
     (lambda d: ["--resume", str(d / "bare")], "the run saved no checkpoint yet"),
+    (lambda d: ["--resume", str(d / "two")], "was saved by 2 rank(s) and this run has 1: resume with 2"),
     (lambda d: ["--resume", str(d / "cut")], "a saved config must be complete, but it lacks optim.lr"),
     (lambda d: ["--config", SMOKE, "--out", str(d / "file")], "--out {d}/file is a file, not a directory"),
     (lambda d: ["--config", SMOKE, "--out", str(d / "file" / "run")], "cannot be created: {d}/file is a file"),
@@ -290,6 +291,8 @@ def test_run_py_user_errors_are_one_line_before_any_process_group(tmp_path, caps
     saved = json.loads((cut / "checkpoints" / "step0000008" / "config.json").read_text())
     del saved["optim"]["lr"]
     (cut / "checkpoints" / "step0000008" / "config.json").write_text(json.dumps(saved))
+    two = fake_run(tmp_path / "two")
+    write_manifest(two / "checkpoints" / "step0000008", 8, world_size=2)
     (tmp_path / "file").write_text("x")
     (tmp_path / "ds.json").write_text(json.dumps({"train_batch_size": 7}))
     args = make_args(tmp_path)
