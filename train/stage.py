@@ -481,6 +481,8 @@ class Stage:
         cfg = self.cfg
         bar = tqdm(total=self.total_steps, initial=self.step, desc=self.desc,
                    disable=not self.show_progress, dynamic_ncols=True)
+        if self.step < self.total_steps and self._agree()[0]:  # asked to stop while starting up
+            return self._stop(bar)
         while self.step < self.total_steps:
             if stop_after is not None and self.step >= stop_after:
                 self.save_checkpoint()
@@ -502,15 +504,18 @@ class Stage:
                 if timed:
                     self.save_checkpoint()
                 if stop and self.step < self.total_steps:
-                    path = self.save_checkpoint()
-                    self.stopped = {"reason": STOP.reason or "a stop request on another rank",
-                                    "step": self.step, "total_steps": self.total_steps,
-                                    "checkpoint": str(path)}
-                    bar.close()
-                    self.say(f"{self.desc}: stopped at step {self.step} of {self.total_steps} "
-                             f"({self.stopped['reason']}); checkpoint {path}")
-                    return self.result()
+                    return self._stop(bar)
         bar.close()
+        return self.result()
+
+    def _stop(self, bar):
+        """Save this step (every rank) and end ``fit`` with ``self.stopped`` saying where."""
+        path = self.save_checkpoint()
+        self.stopped = {"reason": STOP.reason or "a stop request on another rank", "step": self.step,
+                        "total_steps": self.total_steps, "checkpoint": str(path)}
+        bar.close()
+        self.say(f"{self.desc}: stopped at step {self.step} of {self.total_steps} "
+                 f"({self.stopped['reason']}); checkpoint {path}")
         return self.result()
 
     # ------------------------------------------------------------------ what a stage supplies

@@ -489,3 +489,13 @@ def test_loop_stops_at_the_next_agreement_step_after_a_signal():
     finally:
         STOP.clear()
     assert stage.saves == [5, 8] and stage.stopped["step"] == 8 and stage.stopped["reason"] == "SIGUSR1"
+
+
+def test_loop_asked_to_stop_while_starting_up_saves_before_the_first_step():
+    stage = CountingStage()
+    STOP.request("SIGTERM")
+    try:
+        stage.fit()
+    finally:
+        STOP.clear()
+    assert stage.saves == [0] and stage.stopped["step"] == 0 and stage.epochs == []
