@@ -175,7 +175,11 @@ def preflight(args, overrides: list[tuple[str, str]]) -> Plan:
     check_data_dir(args.data, _data_needs(cfg))
     _check_model_dir(cfg.model.checkpoint)
     world = _launch_world()
-    cfg.deepspeed_config(world, monitor_dir=str(out / "monitor"))  # batch sizes, the user's JSON
+    ds_config = cfg.deepspeed_config(world, monitor_dir=str(out / "monitor"))  # batch sizes, user JSON
+    if cfg.deepspeed.config_file is not None:
+        from train.stage import check_deepspeed_config
+
+        check_deepspeed_config(ds_config, cfg.deepspeed.config_file)
     if cfg.simcse.enabled:
         cfg.simcse_deepspeed_config(world)
     return Plan(cfg, out, args.resume is not None, multitask_checkpoint)

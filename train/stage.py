@@ -267,6 +267,32 @@ def lr_lambda(cfg: TrainConfig, total_steps: int, warmup_ratio: float | None = N
     return factor
 
 
+def deepspeed_config_error(error: Exception, source: str | None) -> ConfigError | None:
+    """DeepSpeed's (pydantic) validation error about a user's DeepSpeed JSON as one ConfigError
+    naming each bad key; None for any other exception (or when there is no user file)."""
+    if source is None or type(error).__name__ != "ValidationError" or not hasattr(error, "errors"):
+        return None
+    parts = [f"{'.'.join(map(str, err['loc']))}: {err['msg']} (got {err.get('input')!r})"
+             for err in error.errors()]
+    return ConfigError(f"DeepSpeed rejects {source} ({error.title}): {'; '.join(parts)}")
+
+
+def check_deepspeed_config(ds_config: dict, source: str | None) -> None:
+    """Check the ZeRO section of a merged DeepSpeed JSON as DeepSpeed will (no process group
+    needed), so a typo in a user's file stops the run before anything starts."""
+    if source is None:
+        return
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    try:
+        DeepSpeedZeroConfig(**ds_config.get("zero_optimization", {}))
+    except Exception as e:
+        error = deepspeed_config_error(e, source)
+        if error is None:
+            raise
+        raise error from None
+
+
 # ----------------------------------------------------------------------------- the skeleton
 @dataclass
 class StepResult:
@@ -362,11 +388,10 @@ class Stage:
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
         except Exception as e:
-            if type(e).__name__ != "ValidationError" or self.cfg.deepspeed.config_file is None:
+            error = deepspeed_config_error(e, self.cfg.deepspeed.config_file)
+            if error is None:
                 raise
-            first = str(e).strip().splitlines()
-            raise ConfigError(f"DeepSpeed rejects the config merged from {self.cfg.deepspeed.config_file}: "
-                              + "; ".join(line.strip() for line in first[:4])) from None
+            raise error from None
         if self.resume_from is not None:
             self._load_checkpoint(self.resume_from)
 

@@ -278,6 +278,9 @@ def test_run_py_refuses_an_out_that_holds_a_run_and_changes_nothing(tmp_path, ca
      "train_batch_size is 7 but the run config gives 32 (deepspeed.global_batch)"),
     (lambda d: ["--config", SMOKE, "--out", str(d / "new"), "--deepspeed_config", str(d / "none.json")],
      "none.json: no such file"),
+    (lambda d: ["--config", SMOKE, "--out", str(d / "new"), "--deepspeed_config", str(d / "typo.json")],
+     "DeepSpeed rejects {d}/typo.json (DeepSpeedZeroConfig): overlap_com: Extra inputs are not permitted "
+     "(got True)"),
     (lambda d: ["--config", SMOKE, "--out", str(d / "new"), "--data", str(d / "bare")],
      "lacks ids-sst-dev.csv, ids-sst-test-student.csv"),
 ])
@@ -295,6 +298,7 @@ def test_run_py_user_errors_are_one_line_before_any_process_group(tmp_path, caps
     write_manifest(two / "checkpoints" / "step0000008", 8, world_size=2)
     (tmp_path / "file").write_text("x")
     (tmp_path / "ds.json").write_text(json.dumps({"train_batch_size": 7}))
+    (tmp_path / "typo.json").write_text(json.dumps({"zero_optimization": {"overlap_com": True}}))
     args = make_args(tmp_path)
     if "--data" not in args:
         args += ["--data", str(data_dir)]
