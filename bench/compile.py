@@ -414,7 +414,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
     p.add_argument("--per-kernel", type=int, default=None,
                    help="compile at most this many configurations per kernel (a quick smoke run)")
+    p.add_argument("--debug", action="store_true", help="tracebacks for input errors too")
     args = p.parse_args(argv)
+    if args.jobs < 1 or (args.per_kernel is not None and args.per_kernel < 1):
+        p.error("--jobs and --per-kernel must be >= 1")
+    from kernels._cli import check_output_file
+
+    check_output_file(args.json, "--json")
     archs = parse_arch(args.arch)
 
     from bench._report import format_table, write_json
@@ -446,4 +452,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from kernels._cli import run_cli
+
+    sys.exit(run_cli(main))
