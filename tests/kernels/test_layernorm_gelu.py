@@ -13,7 +13,7 @@ import torch
 
 import kernels
 from kernels import layernorm_gelu as lg
-from kernels.testing import OpCase, assert_case, compare_case, count_launches, kernels_device
+from kernels.testing import OpCase, assert_case, count_launches, kernels_device
 
 DEVICE = kernels_device()  # tests/conftest.py decides it (cpu: Triton's interpreter)
 # the kernels each op's forward + backward must launch (weight grads: the partials' reduction)
@@ -38,6 +38,16 @@ def _launches(case: OpCase) -> tuple[str, ...]:
     return LAUNCHES[case.name.split("[")[0]]  # "layer_norm[residual] 7x29" -> layer_norm
 
 
+def _zero(op: str, shape: tuple[int, ...]) -> tuple[str, ...]:
+    """Gradients that are zero in exact arithmetic: over one column the normalised values are
+    x - mean(x) = 0, so the output is the bias alone and nothing before the normalisation, nor its
+    weight, gets a gradient (the references hold rounding noise amplified by rstd = 1/sqrt(eps))."""
+    if shape[-1] != 1:
+        return ()
+    return {"layer_norm": ("grad x", "grad residual", "grad weight"),
+            "gelu_layer_norm": ("grad x", "grad bias", "grad weight")}.get(op, ())
+
+
 @pytest.fixture
 def small_row_groups(monkeypatch):
     """Four rows per program, so small shapes run several programs (and a ragged last group)."""
@@ -50,7 +60,7 @@ def small_row_groups(monkeypatch):
 @pytest.mark.parametrize("variant", list(LN_VARIANTS))
 def test_layer_norm_matches_reference(variant, shape, dtype, small_row_groups):
     assert_case(lg.layer_norm_case(shape, **LN_VARIANTS[variant]), DEVICE, dtype,
-                launches=LAUNCHES["layer_norm"])
+                launches=LAUNCHES["layer_norm"], zero=_zero("layer_norm", shape))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -72,7 +82,7 @@ def test_bias_gelu_matches_reference(approximate, shape, dtype, small_row_groups
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_gelu_layer_norm_matches_reference(approximate, shape, dtype, small_row_groups):
     assert_case(lg.gelu_layer_norm_case(shape, approximate), DEVICE, dtype,
-                launches=LAUNCHES["gelu_layer_norm"])
+                launches=LAUNCHES["gelu_layer_norm"], zero=_zero("gelu_layer_norm", shape))
 
 
 @pytest.mark.slow
@@ -331,48 +341,6 @@ def test_minbert_triton_matches_eager():
     assert triton_[1].keys() == eager[1].keys() == ref[1].keys()
     for name in ref[1]:
         check(f"grad {name}", triton_[1][name], eager[1][name], ref[1][name])
-
-
-# ----------------------------------------------------------------------------- the error-budget helper
-def _gelu_case(kernel_fn) -> OpCase:
-    def make_inputs(device, dtype, seed):
-        g = torch.Generator().manual_seed(seed)
-        return dict(x=torch.randn(4, 16, generator=g).to(device, dtype).requires_grad_(),
-                    bias=torch.randn(16, generator=g).to(device, dtype).requires_grad_(),
-                    approximate="none")
-    return OpCase("helper", make_inputs, kernel_fn, kernels.bias_gelu_ref)
-
-
-@pytest.mark.parametrize("dtype, offset", [
-    pytest.param(torch.float32, 1e-2, id="float32"),
-    pytest.param(torch.float16, 1e-2, id="float16"),
-    pytest.param(torch.bfloat16, 1e-1, id="bfloat16"),  # 1e-2 is below bf16's resolution at ~3
-])
-def test_helper_fails_a_wrong_kernel(dtype, offset):
-    wrong = _gelu_case(lambda **kw: kernels.bias_gelu_ref(**kw) + offset)
-    by_what = {c.what: c for c in compare_case(wrong, "cpu", dtype)}
-    assert set(by_what) == {"out", "grad x", "grad bias"}
-    assert not by_what["out"].ok and by_what["out"].err >= 0.9 * offset
-    assert by_what["grad x"].ok  # adding a constant leaves the gradients right
-    with pytest.raises(AssertionError, match=r"FAIL helper \[.*\] out: err"):
-        assert_case(wrong, "cpu", dtype)
-    assert all(c.ok for c in compare_case(_gelu_case(kernels.bias_gelu_ref), "cpu", dtype))
-
-
-def test_helper_catches_nan_and_missing_gradients():
-    def nan_kernel(x, bias, approximate):
-        y = kernels.bias_gelu_ref(x, bias, approximate)
-        return torch.where(torch.arange(16) == 3, torch.nan, y)
-
-    nan = {c.what: c for c in compare_case(_gelu_case(nan_kernel), "cpu", torch.float32)}
-    assert not nan["out"].ok and "NaN/inf in kernel output" in nan["out"].where
-
-    def detached(x, bias, approximate):
-        return kernels.bias_gelu_ref(x.detach(), bias.detach(), approximate)
-
-    missing = {c.what: c for c in compare_case(_gelu_case(detached), "cpu", torch.float32)}
-    assert missing["out"].ok and not missing["grad x"].ok and not missing["grad bias"].ok
-    assert "no tensor" in missing["grad x"].where
 
 
 # ----------------------------------------------------------------------------- report hooks
