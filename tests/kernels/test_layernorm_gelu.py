@@ -359,12 +359,38 @@ def test_compile_specs_are_complete():
         assert f"BLOCK_N={lg._row_config(n)[0]} warps={lg._row_config(n)[1]}" in labels
 
 
-def test_io_cases_run_and_bound_traffic():
-    cases = lg.io_cases(8, 32, torch.bfloat16)
-    assert len(cases) == 4
+# per IO case, counted from the op's definition (not from io_cases' formulas): distinct activation
+# tensors (T bytes each), distinct parameter vectors and their gradients (p), fp32 statistics (s),
+# weight gradients reduced through fp32 partials (k), parameter vectors each forward / backward
+# program loads
+_IO_CENSUS = {
+    "layer_norm residual+dropout0.1": dict(acts=6, params=4, stats=2, k=2, fwd_loads=2, bwd_loads=1),  # x r dy y dx dr
+    "layer_norm": dict(acts=4, params=4, stats=2, k=2, fwd_loads=2, bwd_loads=1),  # x dy y dx; w b dw db
+    "bias_gelu erf": dict(acts=4, params=2, stats=0, k=1, fwd_loads=1, bwd_loads=1),  # b db
+    "gelu_layer_norm erf": dict(acts=4, params=6, stats=2, k=3, fwd_loads=3, bwd_loads=2),  # b1 w b + grads
+}
+
+
+@pytest.mark.interpreter
+def test_io_cases_bound_the_measured_traffic():
+    """The lower bounds against the bytes the kernels move (bench.io.record_traffic) at 64 rows in
+    two row groups: distinct bytes touched = the op's distinct tensors + the fp32 weight-grad
+    partials, exactly; every access = the bound + each extra program's parameter loads + the
+    partials written and read once, exactly. A bound that counts a tensor too many or too few, or
+    a kernel that re-reads anything else, fails."""
+    from bench.io import measure_case
+
+    tokens, hidden = 64, 96
+    cases = lg.io_cases(tokens, hidden, torch.bfloat16)
+    assert sorted(c.name.rsplit(" ", 1)[0] for c in cases) == sorted(_IO_CENSUS)
     for case in cases:
-        assert case.lower_bound_bytes > 0 and case.flops > 0
-        k, e = case.run_kernel(), case.run_eager()
-        assert len(k) == len(e)
-        for a, b in zip(k, e):
-            assert a.shape == b.shape and a.dtype == b.dtype
+        census = _IO_CENSUS[case.name.rsplit(" ", 1)[0]]
+        width = 4 * hidden if case.name.startswith("bias_gelu") else hidden
+        T, p, s = tokens * width * 2, width * 2, tokens * 4
+        row = measure_case(case, with_eager=False)
+        programs = row["launches"][0]["grid"][0]  # row groups of the forward
+        assert programs == 2 and row["launches"][1]["grid"][0] == programs, row["launches"]
+        partials = programs * census["k"] * width * 4
+        assert row["unique"] == census["acts"] * T + census["params"] * p + census["stats"] * s + partials, case.name
+        extra_loads = (programs - 1) * (census["fwd_loads"] + census["bwd_loads"]) * p
+        assert row["total"] == row["lower_bound"] + extra_loads + 2 * partials, case.name
