@@ -12,6 +12,12 @@ spec's num_warps / num_stages; no GPU is needed (ptxas ships in the triton wheel
     against the arch's per-block opt-in maximum, as Triton's own launcher does.
   - dot: ``n/a`` when the kernel has no ``tt.dot`` in its TTIR, else the PTX instruction it became:
     ``wgmma`` (Hopper warpgroup MMA), ``mma.sync`` or ``fma``.
+  - sass: what the hardware will execute, from ``cuobjdump -sass`` on the cubin: static counts of
+    instruction classes (``SASS_CLASSES``: mma, int, fp, mem_global, mem_shared, control, other;
+    ``total`` is every instruction but the NOP / self-branch padding after the last EXIT) and
+    ``non_mma_per_mma`` = (total - mma) / mma. Static: an instruction inside a loop counts once,
+    so a loop body's overhead (e.g. Philox rounds for dropout) shows as extra instructions per
+    MMA without a GPU to run them.
 
 Exit status 1 on any spill (ptxas spill bytes or LOCAL > 0), shared memory above the limit, or a
 compile error. Pointer arguments are compiled as 16-byte aligned (``tt.divisibility=16``), as the
@@ -90,14 +96,18 @@ def _nvidia_bin(name: str) -> str:
     return path
 
 
-def _cuobjdump_usage(cubin: bytes, kernel_name: str) -> dict[str, int]:
+def _cuobjdump(cubin: bytes, flag: str) -> str:
+    """stdout of ``cuobjdump <flag>`` on a cubin."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        out = subprocess.run([_nvidia_bin("cuobjdump"), "--dump-resource-usage", path],
-                             capture_output=True, text=True, check=True)
-    return parse_resource_usage(out.stdout, kernel_name)
+        return subprocess.run([_nvidia_bin("cuobjdump"), flag, path],
+                              capture_output=True, text=True, check=True).stdout
+
+
+def _cuobjdump_usage(cubin: bytes, kernel_name: str) -> dict[str, int]:
+    return parse_resource_usage(_cuobjdump(cubin, "--dump-resource-usage"), kernel_name)
 
 
 def _ptxas_report(ptx: str, arch: int, enable_fp_fusion: bool) -> dict[str, int]:
@@ -129,6 +139,95 @@ def dot_instruction(ttir: str, ptx: str) -> str:
     if re.search(r"\bmma\.sync", ptx):
         return "mma.sync"
     return "fma"
+
+
+# ----------------------------------------------------------------------------- SASS classes
+# Opcode (the mnemonic before its first ".") -> class. Uniform-datapath opcodes (UIADD3, ULOP3,
+# USHF, ...) take their class from the opcode without the leading U when it is not listed itself.
+# Async copies into shared memory (LDGSTS = cp.async, UTMALDG/UTMASTG/UBLKCP = TMA) count as
+# mem_shared; mbarrier traffic (SYNCS), fences and warpgroup arrive/wait as control.
+SASS_CLASSES: dict[str, tuple[str, ...]] = {
+    "mma": ("HMMA", "HGMMA", "IMMA", "IGMMA", "QGMMA", "BMMA", "BGMMA", "DMMA", "OMMA", "UTCHMMA",
+            "UTCQMMA", "UTCIMMA"),
+    "int": ("IMAD", "IMADSP", "IMUL", "IADD", "IADD3", "IADD32I", "VIADD", "VIADDMNMX", "LOP",
+            "LOP3", "LOP32I", "SHF", "SHL", "SHR", "LEA", "ISETP", "ICMP", "IMNMX", "VIMNMX",
+            "VIMNMX3", "IABS", "POPC", "FLO", "BREV", "BMSK", "PRMT", "SGXT", "IDP", "IDE", "SEL",
+            "ISCADD", "BFE", "BFI", "XMAD", "VABSDIFF", "VABSDIFF4"),
+    "fp": ("FADD", "FADD32I", "FMUL", "FMUL32I", "FFMA", "FFMA32I", "FMNMX", "FMNMX3", "FSETP",
+           "FSET", "FSEL", "FCHK", "FRND", "FSWZADD", "MUFU", "FCMP", "HADD2", "HADD2_32I", "HMUL2",
+           "HMUL2_32I", "HFMA2", "HFMA2_32I", "HMNMX2", "HSETP2", "HSET2", "DADD", "DMUL", "DFMA",
+           "DSETP", "DMNMX", "F2F", "F2I", "I2F", "I2FP", "F2FP", "F2IP", "FADD2",
+           "FMUL2", "FFMA2"),
+    "mem_global": ("LDG", "STG", "LD", "ST", "RED", "REDG", "ATOM", "ATOMG", "CCTL", "CCTLL",
+                   "SUATOM", "SULD", "SUST", "TLD", "TEX", "LDL", "STL"),
+    "mem_shared": ("LDS", "STS", "LDSM", "STSM", "ATOMS", "LDGSTS", "UTMALDG", "UTMASTG", "UTMAPF",
+                   "UTMACCTL", "UTMAREDG", "UBLKCP", "UBLKRED", "UBLKPF", "LDTM", "STTM"),
+    "control": ("BAR", "BRA", "BRX", "BRXU", "JMP", "JMX", "CALL", "RET", "EXIT", "BSSY", "BSYNC",
+                "BREAK", "BMOV", "BPT", "KILL", "WARPSYNC", "SYNCS", "MEMBAR", "FENCE", "DEPBAR",
+                "LDGDEPBAR", "ERRBAR", "WARPGROUP", "ELECT", "YIELD", "NANOSLEEP", "ACQBULK",
+                "ARRIVES", "CGAERRBAR", "UCGABAR_ARV", "UCGABAR_WAIT", "CGABAR", "WARPGROUPSET"),
+}
+SASS_KEYS = (*SASS_CLASSES, "other")
+_SASS_CLASS_OF = {op: cls for cls, ops in SASS_CLASSES.items() for op in ops}
+# one instruction of a cuobjdump -sass listing: "/*0a30*/  @!P0 IMAD.WIDE.U32 R4, R15, 0x2, R4 ;"
+_SASS_LINE_RE = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)([^;]*);")
+_SASS_FUNCTION_RE = re.compile(r"^\s*Function\s*:\s*(\S+)")
+
+
+def sass_class(opcode: str) -> str:
+    """The class of one SASS opcode (mnemonic without modifiers): a key of ``SASS_CLASSES`` or
+    ``other`` (moves, constant loads, special registers, shuffles, predicate logic)."""
+    if opcode in _SASS_CLASS_OF:
+        return _SASS_CLASS_OF[opcode]
+    if opcode.startswith("U") and opcode[1:] in _SASS_CLASS_OF:
+        return _SASS_CLASS_OF[opcode[1:]]
+    return "other"
+
+
+def parse_sass(text: str, kernel_name: str | None = None) -> dict[str, list[str]]:
+    """Opcodes (with modifiers, e.g. ``IMAD.WIDE.U32``) per function of a ``cuobjdump -sass`` listing.
+
+    Dropped: ``NOP`` and a branch to its own address (the padding after the last ``EXIT``).
+    Returns ``{function: [opcode, ...]}``, only ``kernel_name``'s entry when it is present.
+    """
+    functions: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        m = _SASS_FUNCTION_RE.match(line)
+        if m:
+            current = functions.setdefault(m.group(1), [])
+            continue
+        m = _SASS_LINE_RE.match(line)
+        if m is None or current is None:
+            continue
+        addr, opcode, rest = m.groups()
+        full = opcode + (rest.split(None, 1)[0] if rest.startswith(".") else "")
+        if opcode == "NOP" or (opcode == "BRA" and rest.strip().lower() == f"0x{int(addr, 16):x}"):
+            continue
+        current.append(full)
+    if not functions:
+        raise ValueError("no function in cuobjdump -sass output")
+    if kernel_name in functions:
+        return {kernel_name: functions[kernel_name]}
+    return functions
+
+
+def sass_counts(opcodes: list[str]) -> dict:
+    """Instruction-class counts of one function's opcodes: ``SASS_KEYS``, ``total`` and
+    ``non_mma_per_mma`` = (total - mma) / mma (None without MMA)."""
+    counts = dict.fromkeys(SASS_KEYS, 0)
+    for op in opcodes:
+        counts[sass_class(op.split(".", 1)[0])] += 1
+    counts["total"] = len(opcodes)
+    counts["non_mma_per_mma"] = (round((counts["total"] - counts["mma"]) / counts["mma"], 2)
+                                 if counts["mma"] else None)
+    return counts
+
+
+def _cuobjdump_sass(cubin: bytes, kernel_name: str) -> dict:
+    functions = parse_sass(_cuobjdump(cubin, "-sass"), kernel_name)
+    return sass_counts(next(iter(functions.values())) if len(functions) == 1 else
+                       [op for ops in functions.values() for op in ops])
 
 
 # ----------------------------------------------------------------------------- worker processes
@@ -187,6 +286,7 @@ def compile_spec(spec, arch: int) -> dict:
     usage = _cuobjdump_usage(kernel.asm["cubin"], md.name)
     ptxas = _ptxas_report(kernel.asm["ptx"], arch, md.enable_fp_fusion)
     dot = dot_instruction(kernel.asm["ttir"], kernel.asm["ptx"])
+    sass = _cuobjdump_sass(kernel.asm["cubin"], md.name)
     row = {
         "kernel": spec.kernel, "label": spec.label, "arch": f"sm_{arch}",
         "num_warps": spec.num_warps, "num_stages": spec.num_stages,
@@ -196,6 +296,7 @@ def compile_spec(spec, arch: int) -> dict:
         "spill": ptxas["spill_stores"] + ptxas["spill_loads"],
         "smem": md.shared, "smem_limit": SMEM_LIMIT_BYTES[arch],
         "dot": dot, "wgmma": (dot == "wgmma") if (arch >= 90 and dot != "n/a") else None,
+        "sass": sass,
         "compile_s": round(compile_s, 3),
     }
     problems = []
@@ -291,6 +392,17 @@ COLUMNS = [
     ("result", "result"),
 ]
 
+# The SASS table: instruction classes per row (``row["sass"]``), flattened by ``_sass_row``.
+SASS_COLUMNS = [
+    ("op", "op"), ("kernel", "kernel"), ("label", "config"), ("arch", "arch"),
+    *((f"sass_{k}", k) for k in SASS_KEYS), ("sass_total", "total"),
+    ("sass_non_mma_per_mma", "non-mma/mma", lambda v: "-" if v is None else f"{v:.2f}"),
+]
+
+
+def _sass_row(row: dict) -> dict:
+    return {**row, **{f"sass_{k}": v for k, v in (row.get("sass") or {}).items()}}
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.compile", description=__doc__.split("\n")[0])
@@ -302,7 +414,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
     p.add_argument("--per-kernel", type=int, default=None,
                    help="compile at most this many configurations per kernel (a quick smoke run)")
+    p.add_argument("--debug", action="store_true", help="tracebacks for input errors too")
     args = p.parse_args(argv)
+    if args.jobs < 1 or (args.per_kernel is not None and args.per_kernel < 1):
+        p.error("--jobs and --per-kernel must be >= 1")
+    from kernels._cli import check_output_file
+
+    check_output_file(args.json, "--json")
     archs = parse_arch(args.arch)
 
     from bench._report import format_table, write_json
@@ -312,6 +430,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         r["result"] = "ok" if r["ok"] else "FAIL"
     print(format_table(rows, COLUMNS))
+    with_sass = [_sass_row(r) for r in rows if r.get("sass")]
+    if with_sass:
+        print("\nSASS instruction classes (static counts, cuobjdump -sass):")
+        print(format_table(with_sass, SASS_COLUMNS))
     bad = [r for r in rows if not r["ok"]]
     for r in bad:
         print(f"FAIL {r['op']}/{r.get('kernel', '?')} [{r.get('label', '?')}] {r['arch']}: "
@@ -330,4 +452,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from kernels._cli import run_cli
+
+    sys.exit(run_cli(main))

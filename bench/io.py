@@ -431,11 +431,23 @@ def main(argv: list[str] | None = None, reexec: bool = False) -> int:
     p.add_argument("--jobs", type=int, default=2, help="worker processes (default 2; 1 runs in this process)")
     p.add_argument("--no-eager", action="store_true", help="skip the eager count")
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
+    p.add_argument("--debug", action="store_true", help="tracebacks for input errors too")
     args = p.parse_args(argv)
+    for name in ("hidden", "tokens"):
+        try:
+            if min(_ints(getattr(args, name)), default=0) < 1:
+                raise ValueError
+        except ValueError:
+            p.error(f"--{name} must be a comma list of positive integers, got {getattr(args, name)!r}")
+    if args.jobs < 1:
+        p.error("--jobs must be >= 1")
+    from kernels._cli import check_output_file
+
+    check_output_file(args.json, "--json")
 
     from kernels.check import OP_MODULES, dtype_name, load_op_modules, parse_dtypes, require_interpreter
 
-    require_interpreter(["-m", "bench.io", *argv] if reexec else None)
+    require_interpreter(["-m", "bench.io", *sys.argv[1:]] if reexec else None)
     (dtype,) = parse_dtypes(args.dtype)
     from bench._report import format_table, write_json
 
@@ -463,4 +475,6 @@ def main(argv: list[str] | None = None, reexec: bool = False) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(reexec=True))
+    from kernels._cli import run_cli
+
+    sys.exit(run_cli(lambda argv: main(argv, reexec=True)))

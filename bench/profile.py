@@ -188,7 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--config", default=str(DEFAULT_CONFIG), help="training config (default: cpu_smoke)")
     t.add_argument("--data", default="data/", help="CS224N data directory (default: data/)")
     t.add_argument("--steps", type=int, default=3, help="profiled training steps (default 3)")
+    p.add_argument("--debug", action="store_true", help="tracebacks for input errors too")
     args, rest = p.parse_known_args(argv)
+    from kernels._cli import check_writable
+
+    check_writable(Path(args.out), "--out")
     if args.kernel and rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
     if min(args.iters, args.steps, args.batch, args.seq, args.hidden, args.layers) < 1:
@@ -202,4 +206,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from kernels._cli import run_cli
+
+    sys.exit(run_cli(main))

@@ -333,9 +333,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--io-json", default=None, help="bench.io --json output (default: RESULTS_DIR/io.json if present)")
     p.add_argument("--compile-json", default=None,
                    help="bench.compile --json output (default: RESULTS_DIR/compile.json if present)")
+    p.add_argument("--debug", action="store_true", help="tracebacks for input errors too")
     args = p.parse_args(argv)
 
+    from kernels._cli import check_writable
+
     results, out = Path(args.results_dir), Path(args.out)
+    check_writable(out, "--out")
     throughput, problems = read_jsonl(results / THROUGHPUT_FILE)
     kernel_runs, more = read_jsonl(results / KERNELS_FILE)
     problems += more
@@ -377,4 +381,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from kernels._cli import run_cli
+
+    sys.exit(run_cli(main))

@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench._report import format_table, run_metadata
     from minbert.tokenizer import Tokenizer
     from train.config import load_config
-    from train.loop import _device, init_distributed
+    from train.stage import _device, init_distributed
     from train.run import parse_args as parse_run_args
 
     overrides = parse_run_args(["--config", args.config, *rest])[1] if rest else []
@@ -345,4 +345,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from kernels._cli import run_cli
+
+    sys.exit(run_cli(main))

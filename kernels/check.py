@@ -28,6 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
+from kernels._cli import check_output_file
+
 # Every fused-op module; each exports check_cases(), compile_specs(), io_cases(tokens, hidden, dtype).
 OP_MODULES = [
     "kernels.layernorm_gelu",
@@ -251,13 +253,15 @@ def main(argv: list[str] | None = None, reexec: bool = False) -> int:
                    help="instead: the error budget's self-test, wrong kernels (zeros, out x 0.9, grad "
                         "x 0.9, transposed output, no-op, no weight decay, half lr) built from the "
                         "eager reference or the Triton kernels, each must fail")
+    p.add_argument("--debug", action="store_true", help="tracebacks for input errors too")
     args = p.parse_args(argv)
+    check_output_file(args.json, "--json")
 
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
-        require_interpreter(["-m", "kernels.check", *argv] if reexec else None)
+        require_interpreter(["-m", "kernels.check", *sys.argv[1:]] if reexec else None)
     else:
         if os.environ.get("TRITON_INTERPRET") == "1":
             raise SystemExit("kernels.check --device cuda runs the compiled kernels: unset TRITON_INTERPRET")
@@ -284,4 +288,6 @@ def main(argv: list[str] | None = None, reexec: bool = False) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(reexec=True))
+    from kernels._cli import run_cli
+
+    sys.exit(run_cli(lambda argv: main(argv, reexec=True)))

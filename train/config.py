@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from kernels._cli import UserError
+
 TASK_NAMES = ("sst", "quora", "sts")
 SCHEDULES = ("sequential", "round_robin", "random", "proportional", "annealed", "superbatch")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value or key is invalid; the message names it."""
 
 
@@ -124,6 +126,9 @@ class DeepSpeedConfig:
     micro_batch_per_device: int = 32  # examples per forward/backward on one rank
     monitor_csv: bool = False  # DeepSpeed's CSV monitor (out/monitor/)
     monitor_tensorboard: bool = False  # DeepSpeed's TensorBoard monitor (needs tensorboard)
+    # a DeepSpeed JSON of the user's merged over the derived one (offload, overlap_comm, bucket
+    # sizes, ...); "auto" values are filled from this config, disagreeing values are errors
+    config_file: str | None = None
 
     def __post_init__(self):
         for name in ("global_batch", "micro_batch_per_device"):
@@ -203,6 +208,11 @@ class TrainConfig:
     eval_batch_size: int = 64
     log_every: int = 10  # steps between log lines
     keep_checkpoints: int = 2  # resumable DeepSpeed checkpoints kept (the newest ones)
+    save_every_steps: int | None = None  # also save a checkpoint every N steps (None: epoch ends only)
+    save_every_minutes: float | None = None  # also save when this long has passed since the last save
+    # steps between the ranks' agreement on a stop request (SIGTERM / SIGUSR1) or a timed save:
+    # one all-reduce of two integers on the device and one host read per check
+    stop_check_every: int = 10
     model: ModelConfig = field(default_factory=ModelConfig)
     tasks: TasksConfig = field(default_factory=TasksConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -225,10 +235,19 @@ class TrainConfig:
             raise ConfigError("pcgrad needs at least two enabled tasks")
         if self.eval_batch_size < 1 or self.log_every < 1 or self.keep_checkpoints < 1:
             raise ConfigError("eval_batch_size, log_every and keep_checkpoints must be >= 1")
+        if self.save_every_steps is not None and self.save_every_steps < 1:
+            raise ConfigError(f"save_every_steps must be >= 1 or null, got {self.save_every_steps}")
+        if self.save_every_minutes is not None and not self.save_every_minutes > 0:
+            raise ConfigError(f"save_every_minutes must be > 0 or null, got {self.save_every_minutes}")
+        if self.stop_check_every < 1:
+            raise ConfigError(f"stop_check_every must be >= 1, got {self.stop_check_every}")
 
     # ------------------------------------------------------------------ DeepSpeed
-    def deepspeed_config(self, world_size: int, monitor_dir: str | None = None) -> dict:
-        """The DeepSpeed JSON for ``world_size`` ranks, derived from this config.
+    def deepspeed_config(self, world_size: int, monitor_dir: str | None = None,
+                         hidden_size: int | None = None) -> dict:
+        """The DeepSpeed JSON for ``world_size`` ranks: derived from this config, with the user's
+        ``deepspeed.config_file`` merged over it (``merge_deepspeed``; ``hidden_size`` fills the
+        bucket sizes a user left "auto").
 
         With PCGrad the loop feeds DeepSpeed one backward per step (the projected gradient), so
         DeepSpeed accumulates nothing and sees the whole per-rank batch as its micro-batch.
@@ -258,18 +277,27 @@ class TrainConfig:
                 out["csv_monitor"] = {"enabled": True, "output_path": monitor_dir, "job_name": self.name}
             if ds.monitor_tensorboard:
                 out["tensorboard"] = {"enabled": True, "output_path": monitor_dir, "job_name": self.name}
+        if ds.config_file is not None:
+            out = merge_deepspeed(out, read_deepspeed_json(ds.config_file), ds.config_file, hidden_size)
         return out
 
-    def simcse_deepspeed_config(self, world_size: int) -> dict:
-        """The DeepSpeed JSON of the SimCSE stage: the multitask stage's ZeRO stage, precision
-        and clipping; the stage's batch, one forward per rank per step (no accumulation: the
-        in-batch negatives must all be in one loss)."""
-        out = self.deepspeed_config(world_size, monitor_dir="")  # the monitors are the multitask stage's
+    def simcse_deepspeed_config(self, world_size: int, hidden_size: int | None = None) -> dict:
+        """The DeepSpeed JSON of the SimCSE stage: the multitask stage's ZeRO stage, precision,
+        clipping and user settings; the stage's own batch, one forward per rank per step (no
+        accumulation: the in-batch negatives must all be in one loss). The batch sizes of a user's
+        file are the multitask stage's and do not apply here."""
+        out = dataclasses.replace(self, deepspeed=dataclasses.replace(self.deepspeed, config_file=None))
+        out = out.deepspeed_config(world_size, monitor_dir="")  # the monitors are the multitask stage's
         out.pop("csv_monitor", None)
         out.pop("tensorboard", None)
         out.update(train_batch_size=self.simcse.global_batch,
                    train_micro_batch_size_per_gpu=self.simcse.per_rank_batch(world_size),
                    gradient_accumulation_steps=1)
+        if self.deepspeed.config_file is not None:
+            user = read_deepspeed_json(self.deepspeed.config_file)
+            for key in BATCH_KEYS:
+                user.pop(key, None)
+            out = merge_deepspeed(out, user, self.deepspeed.config_file, hidden_size)
         return out
 
     def to_dict(self) -> dict:
@@ -279,6 +307,115 @@ class TrainConfig:
         from minbert.checkpoint import atomic_write_text
 
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------- a user's DeepSpeed JSON
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+# DeepSpeed settings the run config decides: a user's file must agree with them or say "auto"
+DECIDED_BY = {
+    "train_batch_size": "deepspeed.global_batch",
+    "train_micro_batch_size_per_gpu": "deepspeed.micro_batch_per_device",
+    "gradient_accumulation_steps": "deepspeed.global_batch / (micro_batch_per_device x world size)",
+    "gradient_clipping": "optim.grad_clip",
+    "bf16.enabled": "deepspeed.bf16",
+    "zero_optimization.stage": "deepspeed.zero_stage",
+}
+# Sections the training loop owns (it hands DeepSpeed its own optimizer and LR schedule).
+OWNED_SECTIONS = {"optimizer": "optim.name, optim.lr, optim.betas, optim.eps, optim.weight_decay",
+                  "scheduler": "optim.lr_schedule, optim.warmup_ratio"}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _auto_fills(hidden_size: int | None) -> dict[str, Any]:
+    """"auto" values the model decides (the HF Trainer's choices); None until the model is known."""
+    h = hidden_size
+    return {"fp16.enabled": False,
+            "zero_optimization.reduce_bucket_size": h * h if h else None,
+            "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * h * h) if h else None,
+            "zero_optimization.stage3_param_persistence_threshold": 10 * h if h else None}
+
+
+def _read_json_object(path: Path, what: str) -> dict:
+    """The JSON object in the existing file ``path``; a ConfigError starting with ``what``."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{what}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what}: the file must hold a JSON object")
+    return data
+
+
+def read_deepspeed_json(path: str | Path) -> dict:
+    """A user's DeepSpeed JSON file; a ConfigError naming the file if it is missing or invalid."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"deepspeed.config_file {path}: no such file")
+    return _read_json_object(path, f"deepspeed.config_file {path}")
+
+
+def merge_deepspeed(derived: dict, user: dict, source: str | Path,
+                    hidden_size: int | None = None) -> dict:
+    """``user`` (a DeepSpeed JSON) merged over ``derived`` (the one this config gives).
+
+    - ``"auto"`` takes the derived value, or the model's (bucket sizes from ``hidden_size``, as the
+      HF Trainer does); an "auto" nothing fills is an error.
+    - The batch sizes, clipping, bf16 and the ZeRO stage (``DECIDED_BY``) must equal the derived
+      values: a difference is an error naming both and the run-config key that decides it.
+    - ``optimizer`` / ``scheduler`` sections are errors (the loop brings its own); fp16 too.
+    - Everything else (offload, overlap_comm, bucket sizes, activation checkpointing, ...) is the
+      user's.
+    """
+    for section, keys in OWNED_SECTIONS.items():
+        if section in user:
+            raise ConfigError(f"{source}: remove the {section!r} section: the {section} comes from "
+                              f"the run config ({keys})")
+    have = _flatten(derived)
+    fills = _auto_fills(hidden_size)
+    merged = json.loads(json.dumps(derived))
+    for key, value in _flatten(user).items():
+        if value == {}:
+            continue
+        if value == "auto":
+            if key in have:
+                value = have[key]
+            elif key in fills:
+                if fills[key] is None:
+                    continue  # known once the model is built
+                value = fills[key]
+            else:
+                raise ConfigError(f"{source}: {key} is \"auto\" but the run config has nothing to "
+                                  "fill it with; give a value")
+        elif key in DECIDED_BY and value != have[key]:
+            raise ConfigError(f"{source}: {key} is {value!r} but the run config gives {have[key]!r} "
+                              f"({DECIDED_BY[key]}); make them agree or write \"auto\"")
+        elif key == "fp16.enabled" and value:
+            raise ConfigError(f"{source}: fp16 is not supported; train in bf16 (deepspeed.bf16) or fp32")
+        node = merged
+        *parents, last = key.split(".")
+        for i, part in enumerate(parents):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{source}: {'.'.join(parents[:i + 1])} must be an object")
+        if isinstance(node.get(last), dict):
+            raise ConfigError(f"{source}: {key} must be an object, got {value!r}")
+        node[last] = value
+    return merged
+
+
+def offloads_optimizer(ds_config: dict) -> bool:
+    """Whether ``ds_config`` puts the optimizer on the CPU (ZeRO-Offload) or NVMe."""
+    device = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return device in ("cpu", "nvme")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -373,19 +510,63 @@ def apply_overrides(data: dict, overrides: list[tuple[str, str]]) -> dict:
     return data
 
 
-def load_config(path: str | Path, overrides: list[tuple[str, str]] = ()) -> TrainConfig:
-    """Read a JSON config file, apply ``--key.sub value`` overrides, check everything."""
+def missing_keys(cls, data: dict, where: str = "") -> list[str]:
+    """The fields of the dataclass ``cls`` (recursively) that ``data`` lacks, as dotted names."""
+    hints = typing.get_type_hints(cls)
+    missing = []
+    for f in dataclasses.fields(cls):
+        name = f"{where}{f.name}"
+        if f.name not in data:
+            missing.append(name)
+        elif dataclasses.is_dataclass(hints[f.name]) and isinstance(data[f.name], dict):
+            missing += missing_keys(hints[f.name], data[f.name], f"{name}.")
+    return missing
+
+
+def load_config(path: str | Path, overrides: list[tuple[str, str]] = (), complete: bool = False) -> TrainConfig:
+    """Read a JSON config file, apply ``--key.sub value`` overrides, check everything.
+
+    ``complete``: the file is a saved config (a run's or a checkpoint's): every key must be there,
+    since a missing one would silently take today's default instead of the value the run used.
+    """
     path = Path(path)
     if not path.is_file():
         shipped = Path(__file__).parent / "configs"
         names = sorted(p.stem for p in shipped.glob("*.json"))
         raise FileNotFoundError(f"config file not found: {path} (shipped configs in {shipped}: "
                                 f"{', '.join(names)})")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the config must be a JSON object")
+    data = _read_json_object(path, str(path))
+    if complete:
+        missing = missing_keys(TrainConfig, data)
+        if missing:
+            raise ConfigError(f"{path}: a saved config must be complete, but it lacks "
+                              f"{', '.join(missing)}; restore the file or pass --config with every key")
     data.setdefault("name", path.stem)
     return from_dict(TrainConfig, apply_overrides(data, list(overrides)))
+
+
+# ----------------------------------------------------------------------------- resuming
+# Keys a resumed run may change: how the run is observed, saved and evaluated in batches, and the
+# kernels backend (e.g. a GPU run resumed on another machine), never what it trains on or how.
+RESUME_MAY_CHANGE = ("name", "log_every", "eval_batch_size", "keep_checkpoints", "save_every_steps",
+                     "save_every_minutes", "stop_check_every", "model.kernels",
+                     "deepspeed.monitor_csv", "deepspeed.monitor_tensorboard")
+
+
+def resume_differences(saved: TrainConfig, cfg: TrainConfig) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, new value) for every key outside ``RESUME_MAY_CHANGE`` that differs."""
+    a, b = _flatten(saved.to_dict()), _flatten(cfg.to_dict())
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if k not in RESUME_MAY_CHANGE and a.get(k) != b.get(k)]
+
+
+def check_resume(saved: TrainConfig, cfg: TrainConfig, source: str | Path) -> None:
+    """Stop, naming the keys and both values, if ``cfg`` would not continue the run ``saved``
+    (the config in the checkpoint ``source``) describes."""
+    diff = resume_differences(saved, cfg)
+    if diff:
+        parts = "; ".join(f"{k}: {json.dumps(old)} in the checkpoint, {json.dumps(new)} now"
+                          for k, old, new in diff)
+        raise ConfigError(f"cannot resume {source} with a different config ({parts}). Only "
+                          f"{', '.join(RESUME_MAY_CHANGE)} may change on resume; drop --config and "
+                          "the overrides of the other keys, or start a new run")

@@ -1,4 +1,6 @@
-"""The multitask training loop around a DeepSpeed engine.
+"""The multitask training stage: ``Trainer`` runs on the stage skeleton (``train/stage.py``),
+which brings process start, the DeepSpeed engine, checkpoints, stop requests, logging and the
+loop; this file supplies the multitask data, step, evaluation and export.
 
 One code path for ``deepspeed [--num_gpus N] train/run.py`` and ``python train/run.py`` (one
 process, still through ``deepspeed.initialize``). The model (``minbert``) knows nothing of
@@ -11,114 +13,26 @@ runs with different world sizes but the same global batch see the same data.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import os
 import random
-import shutil
-import socket
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-import kernels
 from minbert.checkpoint import atomic_write_text
 from minbert.heads import HeadSpec, MultitaskBert, MultitaskSpec
-from minbert.model import BertModel
 from minbert.tokenizer import Tokenizer
 
 from . import pcgrad
 from .config import TrainConfig
 from .data import load_task
+from .export import save_multitask
 from .schedules import Schedule, TaskSampler
+from .stage import Stage, StepResult, TrainingError, build_encoder, build_optimizer  # noqa: F401
 from .tasks import encode_batch, metric, overall_score, predict
-
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. a non-finite loss); the message says where and why."""
-
-
-# ----------------------------------------------------------------------------- distributed set-up
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed() -> tuple[int, int, int]:
-    """Join (or, as one plain process, create) the process group; returns (rank, world, local_rank)."""
-    import deepspeed
-
-    if "RANK" not in os.environ:  # `python train/run.py`: a group of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_init_required=True)
-    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
-
-
-def _device(local_rank: int) -> torch.device:
-    from deepspeed.accelerator import get_accelerator
-
-    name = get_accelerator().device_name()
-    if name == "cpu":
-        # Share the cores between the ranks of this node instead of oversubscribing them.
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))
-        return torch.device("cpu")
-    get_accelerator().set_device(local_rank)
-    return torch.device(name, local_rank)
-
-
-def start_process(cfg: TrainConfig) -> tuple[int, int, torch.device]:
-    """Join the process group, pick this rank's device, choose the kernels backend; returns
-    (rank, world size, device)."""
-    rank, world, local_rank = init_distributed()
-    device = _device(local_rank)
-    if cfg.model.kernels != "auto":
-        kernels.set_backend(cfg.model.kernels)
-    return rank, world, device
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
-
-
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ----------------------------------------------------------------------------- model and optimizer
-def build_encoder(cfg: TrainConfig, checkpoint: str | Path | None = None) -> BertModel:
-    """The BERT encoder from ``checkpoint`` (default: the config's), with the config's dropout."""
-    changes = {}
-    if cfg.model.hidden_dropout is not None:
-        changes["hidden_dropout_prob"] = cfg.model.hidden_dropout
-    if cfg.model.attention_dropout is not None:
-        changes["attention_probs_dropout_prob"] = cfg.model.attention_dropout
-    return BertModel.from_pretrained(checkpoint if checkpoint is not None else cfg.model.checkpoint,
-                                     config_changes=changes)
 
 
 def build_model(cfg: TrainConfig, checkpoint: str | Path | None = None) -> MultitaskBert:
@@ -130,73 +44,19 @@ def build_model(cfg: TrainConfig, checkpoint: str | Path | None = None) -> Multi
     return MultitaskBert(bert, spec)
 
 
-def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, lr: float | None = None) -> torch.optim.Optimizer:
-    """AdamW with no weight decay on biases and LayerNorm weights; heads may have their own lr.
-    ``lr``: the encoder's learning rate instead of ``cfg.optim.lr`` (the SimCSE stage's)."""
-    o = cfg.optim
-    if lr is not None:
-        o = dataclasses.replace(o, lr=lr)
-    groups: dict[tuple[bool, bool], list] = {}
-    for name, p in model.named_parameters():
-        no_decay = name.endswith("bias") or "LayerNorm" in name
-        groups.setdefault((name.startswith("heads."), no_decay), []).append(p)
-    param_groups = [{"params": ps, "weight_decay": 0.0 if no_decay else o.weight_decay,
-                     "lr": (o.head_lr or o.lr) if is_head else o.lr}
-                    for (is_head, no_decay), ps in sorted(groups.items())]
-    name = o.name
-    if name == "auto":
-        name = "fused_adamw" if torch.cuda.is_available() else "adamw"
-    if name == "fused_adamw":
-        # Clipping and the bf16 master weights are DeepSpeed's (it hands the optimizer fp32
-        # partitions and clips by deepspeed.gradient_clipping), so they stay off here.
-        return kernels.FusedAdamW(param_groups, lr=o.lr, betas=o.betas, eps=o.eps)
-    return torch.optim.AdamW(param_groups, lr=o.lr, betas=o.betas, eps=o.eps)
-
-
-def lr_lambda(cfg: TrainConfig, total_steps: int, warmup_ratio: float | None = None):
-    """Linear warm-up over ``warmup_ratio`` (default ``cfg.optim.warmup_ratio``) of the steps,
-    then ``cfg.optim.lr_schedule``'s decay."""
-    warmup = int((cfg.optim.warmup_ratio if warmup_ratio is None else warmup_ratio) * total_steps)
-    kind = cfg.optim.lr_schedule
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if kind == "constant":
-            return 1.0
-        progress = (step - warmup) / max(total_steps - warmup, 1)
-        if kind == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-    return factor
-
-
 # ----------------------------------------------------------------------------- the trainer
-@dataclass
-class StepResult:
-    step: int
-    losses: dict[str, float]  # mean loss per task over the global batch
-    examples: int  # examples in the step, all ranks
-    tokens: int  # non-padding tokens in the step, all ranks
-    seconds: float
+class Trainer(Stage):
+    """The multitask stage: ``Trainer(cfg, data, out, resume=...).fit()``."""
 
-
-class Trainer:
     def __init__(self, cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path,
                  resume: str | Path | None = None, progress: bool = True,
                  init_checkpoint: str | Path | None = None):
         """``init_checkpoint``: start the encoder from this HF directory (the SimCSE stage's
-        result) instead of ``cfg.model.checkpoint``; the tokenizer stays the config's."""
-        import deepspeed
-
-        self.cfg = cfg
-        self.data_dir, self.out_dir = Path(data_dir), Path(out_dir)
-        self.rank, self.world, self.device = start_process(cfg)
-        self.is_main = self.rank == 0
-        self.show_progress = progress and self.is_main
+        result) instead of ``cfg.model.checkpoint``; the tokenizer stays the config's.
+        ``resume``: the run directory (or one checkpoint) to continue."""
+        super().__init__(cfg, data_dir, out_dir, progress, resume)
+        self.desc = f"train {cfg.name}"
         self.accum = cfg.deepspeed.grad_accum(self.world)  # checks the batch sizes first
-        seed_everything(cfg.seed)
 
         self.tasks = cfg.tasks.enabled()
         self.train_data = {t: self._load(t, "train", getattr(cfg.tasks, t).max_train) for t in self.tasks}
@@ -206,26 +66,21 @@ class Trainer:
                                  cfg.deepspeed.global_batch, cfg.epochs, cfg.seed, cfg.steps_per_epoch)
         self.samplers = {t: TaskSampler(len(self.train_data[t]), cfg.seed, i)
                          for i, t in enumerate(self.tasks)}
-
-        model = build_model(cfg, init_checkpoint)
-        optimizer = build_optimizer(cfg, model)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, self.schedule.total_steps))
-        monitor_dir = str(self.out_dir / "monitor")
-        self.ds_config = cfg.deepspeed_config(self.world, monitor_dir)
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
-        self.params = [p for p in self.engine.module.parameters() if p.requires_grad]
-
-        self.step = 0
+        self.total_steps, self.steps_per_epoch = self.schedule.total_steps, self.schedule.steps_per_epoch
         self.best_score = -math.inf
         self.history: list[dict] = []  # dev scores after each epoch
         self.step_losses: list[dict[str, float]] = []  # per step of this process's run
+        self._window: list[StepResult] = []  # the steps since the last log record
+
+        model = build_model(cfg, init_checkpoint)
+        ds_config = cfg.deepspeed_config(self.world, str(self.out_dir / "monitor"),
+                                         model.bert.config.hidden_size)
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.out_dir / "config.json")
-            atomic_write_text(self.out_dir / "deepspeed_config.json", json.dumps(self.ds_config, indent=2))
-        if resume is not None:
-            self.resume(resume)
+            atomic_write_text(self.out_dir / "deepspeed_config.json", json.dumps(ds_config, indent=2))
+        self.build_engine(model, ds_config)  # loads the checkpoint when resuming
+        self.params = [p for p in self.engine.module.parameters() if p.requires_grad]
         self._barrier()
 
     # ------------------------------------------------------------------ helpers
@@ -239,20 +94,11 @@ class Trainer:
             raise TrainingError(f"{task} {split}: no usable examples in {loaded.path}")
         return examples
 
-    def _barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
     def _all_reduce_sum(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64)
         if self.world > 1:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t.tolist()
-
-    def log(self, record: dict) -> None:
-        if self.is_main:
-            with open(self.out_dir / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
 
     def _rank_slice(self, indices: list[int]) -> list[int]:
         per_rank = len(indices) // self.world
@@ -358,102 +204,30 @@ class Trainer:
         scores["overall"] = overall_score(scores)
         return scores
 
-    # ------------------------------------------------------------------ checkpoints
-    def latest_checkpoint(self) -> Path | None:
-        return latest_checkpoint(self.out_dir)
+    # ------------------------------------------------------------------ the skeleton's hooks
+    def after_step(self, result: StepResult, bar) -> None:
+        cfg = self.cfg
+        self.step_losses.append(result.losses)
+        self._window.append(result)
+        lr = self.scheduler.get_last_lr()[0]
+        secs = sum(r.seconds for r in self._window)
+        samples_s = sum(r.examples for r in self._window) / max(secs, 1e-9)
+        bar.set_postfix(loss=f"{sum(result.losses.values()):.4f}", task="+".join(result.losses),
+                        samples_s=f"{samples_s:.1f}")
+        if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+            record = {"step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch + 1,
+                      "loss": result.losses, "lr": lr, "samples_per_s": samples_s,
+                      "tokens_per_s": sum(r.tokens for r in self._window) / max(secs, 1e-9)}
+            self.log(record)
+            monitor = getattr(self.engine, "monitor", None)
+            if monitor is not None and monitor.enabled and self.is_main:
+                events = [(f"Train/loss_{t}", v, self.step) for t, v in result.losses.items()]
+                events += [("Train/lr", lr, self.step), ("Train/samples_per_s", samples_s, self.step)]
+                monitor.write_events(events)
+            self._window = []
 
-    def save_checkpoint(self) -> Path:
-        """A resumable DeepSpeed checkpoint; ``latest`` moves to it only once it is complete."""
-        root = self.out_dir / CHECKPOINTS
-        tag = f"step{self.step:07d}"
-        (root / tag).mkdir(parents=True, exist_ok=True)
-        torch.save(_rng_state(), root / tag / f"rng_rank{self.rank}.pt")
-        client_state = {"step": self.step, "best_score": self.best_score, "history": self.history,
-                        "samplers": {t: s.state_dict() for t, s in self.samplers.items()},
-                        "config": self.cfg.to_dict()}
-        self.engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-        self._barrier()
-        if self.is_main:
-            self.cfg.save(root / tag / "config.json")
-            atomic_write_text(root / LATEST, tag + "\n")
-            tags = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step"))
-            for old in tags[:-self.cfg.keep_checkpoints]:
-                shutil.rmtree(root / old, ignore_errors=True)
-        self._barrier()
-        return root / tag
-
-    def resume(self, path: str | Path) -> None:
-        ckpt = find_checkpoint(path)
-        _, client = self.engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
-        if client is None:
-            raise TrainingError(f"could not load the DeepSpeed checkpoint {ckpt}")
-        self.step = int(client["step"])
-        self.best_score = float(client["best_score"])
-        self.history = list(client["history"])
-        for t, s in self.samplers.items():
-            s.load_state_dict(client["samplers"][t])
-        rng_file = ckpt / f"rng_rank{self.rank}.pt"
-        if not rng_file.is_file():
-            raise TrainingError(f"{ckpt} holds no RNG state for rank {self.rank} (saved with another "
-                                "world size?)")
-        _set_rng_state(torch.load(rng_file, weights_only=False))
-        if self.is_main:
-            print(f"resumed from {ckpt} at step {self.step}", flush=True)
-
-    def export(self, directory: Path, scores: dict | None = None) -> None:
-        """Gather the full model (from ZeRO shards) and write it as a loadable directory."""
-        from deepspeed import zero
-
-        module = self.engine.module
-        with zero.GatheredParameters(list(module.parameters()), modifier_rank=None,
-                                     enabled=self.cfg.deepspeed.zero_stage == 3):
-            state = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-        if self.is_main:
-            save_multitask(state, module.bert.config, module.spec, self.tokenizer, directory,
-                           extra={"scores": scores, "step": self.step, "train_config": self.cfg.to_dict()})
-        self._barrier()
-
-    # ------------------------------------------------------------------ the run
-    def fit(self, stop_after: int | None = None) -> dict:
-        """Train to the end of the schedule (or until step ``stop_after``, then save and return:
-        how a run is split in two to test resuming)."""
-        from tqdm import tqdm
-
-        cfg, sched = self.cfg, self.schedule
-        bar = tqdm(total=sched.total_steps, initial=self.step, desc=f"train {cfg.name}",
-                   disable=not self.show_progress, dynamic_ncols=True)
-        window: list[StepResult] = []
-        while self.step < sched.total_steps:
-            if stop_after is not None and self.step >= stop_after:
-                self.save_checkpoint()
-                break
-            result = self.train_step()
-            self.step_losses.append(result.losses)
-            window.append(result)
-            lr = self.scheduler.get_last_lr()[0]
-            secs = sum(r.seconds for r in window)
-            samples_s = sum(r.examples for r in window) / max(secs, 1e-9)
-            bar.update(1)
-            bar.set_postfix(loss=f"{sum(result.losses.values()):.4f}", task="+".join(result.losses),
-                            samples_s=f"{samples_s:.1f}")
-            if self.step % cfg.log_every == 0 or self.step == sched.total_steps:
-                record = {"step": self.step, "epoch": (self.step - 1) // sched.steps_per_epoch + 1,
-                          "loss": result.losses, "lr": lr, "samples_per_s": samples_s,
-                          "tokens_per_s": sum(r.tokens for r in window) / max(secs, 1e-9)}
-                self.log(record)
-                monitor = getattr(self.engine, "monitor", None)
-                if monitor is not None and monitor.enabled and self.is_main:
-                    events = [(f"Train/loss_{t}", v, self.step) for t, v in result.losses.items()]
-                    events += [("Train/lr", lr, self.step), ("Train/samples_per_s", samples_s, self.step)]
-                    monitor.write_events(events)
-                window = []
-            if self.step % sched.steps_per_epoch == 0:
-                self._end_of_epoch(bar)
-        bar.close()
-        return {"best_score": self.best_score, "history": self.history}
-
-    def _end_of_epoch(self, bar) -> None:
-        epoch = self.step // self.schedule.steps_per_epoch
+    def end_of_epoch(self, bar) -> None:
+        epoch = self.step // self.steps_per_epoch
         scores = self.evaluate()
         record = {"epoch": epoch, "step": self.step, "dev": scores}
         self.history.append(record)
@@ -463,87 +237,25 @@ class Trainer:
         if scores["overall"] > self.best_score:
             self.best_score = scores["overall"]
             self.export(self.out_dir / "best", scores)
-        self.save_checkpoint()
 
+    def state_dict(self) -> dict:
+        return {"best_score": self.best_score, "history": self.history,
+                "samplers": {t: s.state_dict() for t, s in self.samplers.items()}}
 
-# ----------------------------------------------------------------------------- files
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    pointer = Path(out_dir) / CHECKPOINTS / LATEST
-    if not pointer.is_file():
-        return None
-    tag = pointer.read_text().strip()
-    return Path(out_dir) / CHECKPOINTS / tag if tag else None
+    def load_state_dict(self, state: dict) -> None:
+        self.best_score = float(state["best_score"])
+        self.history = list(state["history"])
+        for t, s in self.samplers.items():
+            s.load_state_dict(state["samplers"][t])
 
+    def result(self) -> dict:
+        return {"best_score": self.best_score, "history": self.history}
 
-def find_checkpoint(path: str | Path) -> Path:
-    """A run directory, its checkpoints directory, or one checkpoint -> that checkpoint."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"nothing to resume from: {path} does not exist")
-    if (path / LATEST).is_file():  # the checkpoints directory
-        path = path.parent
-    found = latest_checkpoint(path)
-    if found is not None:
-        return found
-    if path.name.startswith("step") and (path / "config.json").is_file():
-        return path
-    raise FileNotFoundError(f"no checkpoint under {path}: expected {path / CHECKPOINTS / LATEST}")
-
-
-def save_multitask(state: dict, bert_config, spec: MultitaskSpec, tokenizer: Tokenizer,
-                   directory: Path, extra: dict | None = None) -> None:
-    """Write an exported model: the encoder as an HF BERT directory (``minbert`` and
-    ``transformers`` load it), the heads beside it, and ``multitask.json``. The directory is
-    built under a temporary name and swapped in, so a crash never leaves a half-written one."""
-    from safetensors.torch import save_file
-
-    tmp = fresh_temp_dir(directory)
-    bert = BertModel(bert_config)
-    bert.load_state_dict({k[len("bert."):]: v for k, v in state.items() if k.startswith("bert.")})
-    bert.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    save_file({k: v.contiguous() for k, v in state.items() if k.startswith("heads.")},
-              str(tmp / "heads.safetensors"))
-    meta = {"spec": spec.to_dict(), **(extra or {})}
-    (tmp / "multitask.json").write_text(json.dumps(meta, indent=2) + "\n")
-    swap_in(tmp, directory)
-
-
-def fresh_temp_dir(directory: str | Path) -> Path:
-    """An empty ``<directory>.tmp`` to build ``directory`` in (see ``swap_in``)."""
-    directory = Path(directory)
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def swap_in(tmp: Path, directory: str | Path) -> None:
-    """Replace ``directory`` by the complete ``tmp`` (renames only: a crash leaves the old one or
-    the new one, never a half-written one)."""
-    directory = Path(directory)
-    old = directory.with_name(directory.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if directory.exists():
-        directory.rename(old)
-    tmp.rename(directory)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def load_multitask(directory: str | Path, device: str | torch.device = "cpu") -> tuple[MultitaskBert, dict]:
-    """Load an exported model (see ``save_multitask``) for prediction."""
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    meta_file = directory / "multitask.json"
-    if not meta_file.is_file():
-        raise FileNotFoundError(f"{directory} is not an exported multitask model: {meta_file} is missing")
-    meta = json.loads(meta_file.read_text())
-    bert = BertModel.from_pretrained(directory)
-    model = MultitaskBert(bert, MultitaskSpec.from_dict(meta["spec"]))
-    heads = load_file(str(directory / "heads.safetensors"))
-    missing, unexpected = model.load_state_dict(heads, strict=False)
-    missing = [k for k in missing if k.startswith("heads.")]
-    if missing or unexpected:
-        raise KeyError(f"{directory}/heads.safetensors: missing {missing}, unexpected {unexpected}")
-    return model.to(device).eval(), meta
+    def export(self, directory: Path, scores: dict | None = None) -> None:
+        """Gather the full model (from ZeRO shards) and write it as a loadable directory."""
+        state = self.gathered_state()
+        if self.is_main:
+            module = self.engine.module
+            save_multitask(state, module.bert.config, module.spec, self.tokenizer, directory,
+                           extra={"scores": scores, "step": self.step, "train_config": self.cfg.to_dict()})
+        self._barrier()

@@ -77,9 +77,19 @@ def write_all(model, tokenizer, data_dir: Path, out_dir: Path, max_lengths: dict
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m train.predict``: one line on stderr for a missing or broken export or data
+    directory (``--debug`` for the traceback)."""
+    from kernels._cli import run_cli
+
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     from minbert.tokenizer import Tokenizer
 
-    from .loop import load_multitask
+    from kernels._cli import check_writable
+    from .data import check_data_dir
+    from .export import load_multitask
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True,
@@ -90,13 +100,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
                     help="precision (default: bf16 if the model was trained in bf16, else fp32)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--debug", action="store_true", help="tracebacks for input errors too")
     args = ap.parse_args(argv)
+    if args.batch_size < 1:
+        ap.error("--batch-size must be >= 1")
 
     ckpt = Path(args.checkpoint)
-    if (ckpt / "best" / "multitask.json").is_file():
+    if (ckpt / "best").is_dir():
         ckpt = ckpt / "best"
+    check_writable(Path(args.out), "--out")
+    check_data_dir(args.data)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, meta = load_multitask(ckpt, device)
+    check_data_dir(args.data, [(t, s) for t in model.spec.tasks for s in ("dev", "test")])
     trained_bf16 = meta.get("train_config", {}).get("deepspeed", {}).get("bf16", False)
     if (args.dtype or ("bf16" if trained_bf16 else "fp32")) == "bf16":
         model = model.to(torch.bfloat16)

@@ -21,8 +21,10 @@ share one loss.
 Reported: zero-shot STS dev Pearson and Spearman (cosine of the pooled embeddings against the
 gold scores) before and after the stage, in ``OUT/simcse/simcse.json``, ``OUT/log.jsonl`` and
 on stdout. The result, ``OUT/simcse/``, is an HF-format BERT directory (encoder, tokenizer) the
-multitask stage starts from. The stage is not resumable half-way (it is short): an interrupted
-stage reruns; a finished one (``simcse.json`` present, same settings) is reused.
+multitask stage starts from. The stage runs on the skeleton of ``train/stage.py``: it saves to
+``OUT/simcse-checkpoints/`` (epoch ends, ``save_every_*``, stop requests) and resumes from there
+with ``--resume``; a finished one (``simcse.json`` present, same settings) is reused and its
+checkpoints removed.
 
 Reference: Gao, Yao, Chen, SimCSE (https://arxiv.org/abs/2104.08821).
 """
@@ -31,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,14 +49,16 @@ from minbert.heads import mean_pool
 from minbert.model import BertModel
 from minbert.tokenizer import Tokenizer
 
+from .checkpoints import list_checkpoints
 from .config import TrainConfig
 from .data import load_task
-from .loop import (TrainingError, build_encoder, build_optimizer, fresh_temp_dir, lr_lambda,
-                   seed_everything, start_process, swap_in)
+from .export import save_encoder
+from .stage import Stage, StepResult, TrainingError, build_encoder
 from .tasks import sharded_map
 
 STAGE_DIR = "simcse"
 REPORT = "simcse.json"
+CHECKPOINT_DIR = "simcse-checkpoints"
 
 
 # ----------------------------------------------------------------------------- model
@@ -214,19 +219,20 @@ def zero_shot_sts(encoder: nn.Module, tokenizer: Tokenizer, pairs: Sequence, max
 
 
 # ----------------------------------------------------------------------------- the stage
-class SimCSEStage:
-    """One contrastive run: ``report = SimCSEStage(cfg, data, out).run()``."""
+class SimCSEStage(Stage):
+    """One contrastive run on the stage skeleton: ``report = SimCSEStage(cfg, data, out).run()``
+    (None if a stop request ended it early: ``stage.stopped`` says where it saved)."""
 
-    def __init__(self, cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, progress: bool = True):
-        import deepspeed
+    checkpoint_dir = CHECKPOINT_DIR
+    log_stage = "simcse"
+    save_final = False  # the export at the end is the stage's result
 
-        self.cfg, self.sc = cfg, cfg.simcse
-        self.data_dir, self.out_dir = Path(data_dir), Path(out_dir)
-        self.rank, self.world, self.device = start_process(cfg)
-        self.is_main = self.rank == 0
-        self.show_progress = progress and self.is_main
+    def __init__(self, cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, progress: bool = True,
+                 resume: str | Path | None = None):
+        super().__init__(cfg, data_dir, out_dir, progress, resume)
+        self.sc = cfg.simcse
+        self.desc = f"simcse {self.sc.mode}"
         self.per_rank = self.sc.per_rank_batch(self.world)
-        seed_everything(cfg.seed)
 
         if self.sc.mode == "unsup":
             self.examples: list = unsup_sentences(self.data_dir, cfg.seed, self.sc.max_examples, self.is_main)
@@ -244,6 +250,9 @@ class SimCSEStage:
         dev = load_task("sts", "dev", self.data_dir, warn=self.is_main).examples
         self.dev = _subset(dev, self.sc.eval_max, cfg.seed, "sts-dev")
         self.tokenizer = Tokenizer.from_pretrained(cfg.model.checkpoint)
+        self.losses: list[float] = []
+        self.before: dict | None = None  # zero-shot STS before the stage (kept in checkpoints)
+        self._window: list[StepResult] = []
 
         bert = build_encoder(cfg)
         if self.sc.mode == "unsup" and bert.config.hidden_dropout_prob == 0 \
@@ -251,22 +260,10 @@ class SimCSEStage:
             raise TrainingError("unsupervised SimCSE needs dropout as its noise, but the model's "
                                 "hidden and attention dropout are both 0 (model.hidden_dropout)")
         model = SentenceEncoder(bert, self.sc.pooling)
-        optimizer = build_optimizer(cfg, model, lr=self.sc.lr)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_lambda(cfg, self.total_steps, self.sc.warmup_ratio))
-        self.ds_config = cfg.simcse_deepspeed_config(self.world)
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
-        self.step = 0
-        self.losses: list[float] = []
+        self.build_engine(model, cfg.simcse_deepspeed_config(self.world, bert.config.hidden_size),
+                          lr=self.sc.lr, warmup_ratio=self.sc.warmup_ratio)
 
     # ------------------------------------------------------------------ helpers
-    def _log(self, record: dict) -> None:
-        if self.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.out_dir / "log.jsonl", "a") as f:
-                f.write(json.dumps({"stage": "simcse", **record}) + "\n")
-
     def _batch(self) -> list:
         """This rank's share of the step's examples: a seeded permutation per epoch, the same
         on every rank, cut into global batches (the last partial one dropped)."""
@@ -297,94 +294,81 @@ class SimCSEStage:
         hard = views[2] if len(views) == 3 else None
         return kernels.simcse_loss(views[0], views[1], self.sc.temperature, hard)
 
-    def train_step(self) -> float:
+    # ------------------------------------------------------------------ step and evaluation
+    def train_step(self) -> StepResult:
+        t0 = time.perf_counter()
         self.engine.train()
         loss = self.loss(self._batch())
         value = float(loss.detach())
         if not math.isfinite(value):
-            raise TrainingError(f"simcse: non-finite loss ({value}) at step {self.step + 1}; stopping "
-                                "(nothing of the stage was saved)")
+            latest = self.latest_checkpoint()
+            raise TrainingError(f"simcse: non-finite loss ({value}) at step {self.step + 1}; stopping. "
+                                f"The last good checkpoint is {latest if latest else 'none'}")
         # Every rank holds the loss of the whole batch and backpropagates into its own rows;
         # DeepSpeed averages the ranks' gradients, so the world factor makes it their sum.
         self.engine.backward(loss * self.world)
         self.engine.step()
         self.step += 1
-        return value
+        return StepResult(self.step, {"simcse": value}, self.sc.global_batch, 0, time.perf_counter() - t0)
 
     def evaluate(self) -> dict:
         """Zero-shot STS dev, sentences cut at ``tasks.sts.max_length`` tokens."""
         return zero_shot_sts(self.engine.module, self.tokenizer, self.dev, self.cfg.tasks.sts.max_length,
                              self.cfg.eval_batch_size, self.device)
 
-    # ------------------------------------------------------------------ the run
-    def run(self) -> dict:
-        from tqdm import tqdm
+    # ------------------------------------------------------------------ the skeleton's hooks
+    def after_step(self, result: StepResult, bar) -> None:
+        value = result.losses["simcse"]
+        self.losses.append(value)
+        self._window.append(result)
+        bar.set_postfix(loss=f"{value:.4f}")
+        if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
+            secs = sum(r.seconds for r in self._window)
+            self.log({"step": self.step, "loss": value, "lr": self.scheduler.get_last_lr()[0],
+                      "samples_per_s": sum(r.examples for r in self._window) / max(secs, 1e-9)})
+            self._window = []
 
-        before = self.evaluate()
-        self._log({"zero_shot_sts": before, "when": "before"})
-        if self.is_main:
-            print(f"simcse ({self.sc.mode}): zero-shot STS dev before: pearson {before['pearson']:.4f}, "
-                  f"spearman {before['spearman']:.4f} ({before['pairs']} pairs); "
-                  f"{self.total_steps} steps of {self.sc.global_batch} "
-                  f"{'sentences' if self.sc.mode == 'unsup' else 'triples'}", flush=True)
-        bar = tqdm(total=self.total_steps, desc=f"simcse {self.sc.mode}", disable=not self.show_progress,
-                   dynamic_ncols=True)
-        t0, window = time.perf_counter(), 0
-        while self.step < self.total_steps:
-            value = self.train_step()
-            self.losses.append(value)
-            window += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{value:.4f}")
-            if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
-                secs = time.perf_counter() - t0
-                self._log({"step": self.step, "loss": value, "lr": self.scheduler.get_last_lr()[0],
-                           "samples_per_s": window * self.sc.global_batch / max(secs, 1e-9)})
-                t0, window = time.perf_counter(), 0
-        bar.close()
+    def state_dict(self) -> dict:
+        return {"losses": self.losses, "before": self.before}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.losses, self.before = list(state["losses"]), state["before"]
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> dict | None:
+        if self.before is None:  # a fresh stage (a resumed one has it from its checkpoint)
+            self.before = self.evaluate()
+            self.log({"zero_shot_sts": self.before, "when": "before"})
+            self.say(f"simcse ({self.sc.mode}): zero-shot STS dev before: pearson "
+                     f"{self.before['pearson']:.4f}, spearman {self.before['spearman']:.4f} "
+                     f"({self.before['pairs']} pairs); {self.total_steps} steps of {self.sc.global_batch} "
+                     f"{'sentences' if self.sc.mode == 'unsup' else 'triples'}")
+        self.fit()
+        if self.stopped is not None:
+            return None
         after = self.evaluate()
-        self._log({"zero_shot_sts": after, "when": "after"})
+        self.log({"zero_shot_sts": after, "when": "after"})
         report = {"mode": self.sc.mode, "steps": self.step, "world_size": self.world,
-                  "data": self.data_counts, "zero_shot_sts_before": before, "zero_shot_sts_after": after,
-                  "first_loss": self.losses[0], "last_loss": self.losses[-1],
-                  "settings": stage_settings(self.cfg)}
-        if self.is_main:
-            print(f"simcse: zero-shot STS dev after {self.step} steps: pearson {after['pearson']:.4f}, "
-                  f"spearman {after['spearman']:.4f}; loss {self.losses[0]:.4f} -> {self.losses[-1]:.4f}",
-                  flush=True)
+                  "data": self.data_counts, "zero_shot_sts_before": self.before,
+                  "zero_shot_sts_after": after, "first_loss": self.losses[0],
+                  "last_loss": self.losses[-1], "settings": stage_settings(self.cfg)}
+        self.say(f"simcse: zero-shot STS dev after {self.step} steps: pearson {after['pearson']:.4f}, "
+                 f"spearman {after['spearman']:.4f}; loss {self.losses[0]:.4f} -> {self.losses[-1]:.4f}")
         self.export(report)
         return report
 
     def export(self, report: dict) -> Path:
-        """Write the encoder and tokenizer (HF format) and the report to ``OUT/simcse``."""
-        from deepspeed import zero
-
-        module = self.engine.module
-        with zero.GatheredParameters(list(module.parameters()), modifier_rank=None,
-                                     enabled=self.cfg.deepspeed.zero_stage == 3):
-            state = {k[len("bert."):]: v.detach().float().cpu().clone()
-                     for k, v in module.state_dict().items() if k.startswith("bert.")}
+        """Write the encoder and tokenizer (HF format) and the report to ``OUT/simcse``; the
+        stage's checkpoints are then of no further use and go."""
+        state = self.gathered_state()
         directory = self.out_dir / STAGE_DIR
         if self.is_main:
-            tmp = fresh_temp_dir(directory)
-            bert = BertModel(module.bert.config)
-            bert.load_state_dict(state)
-            bert.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
-            (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n")
-            swap_in(tmp, directory)
-        if self.world > 1:
-            dist.barrier()
+            state = {k[len("bert."):]: v for k, v in state.items() if k.startswith("bert.")}
+            save_encoder(state, self.engine.module.bert.config, self.tokenizer, directory,
+                         files={REPORT: json.dumps(report, indent=2) + "\n"})
+            shutil.rmtree(self.checkpoint_root, ignore_errors=True)
+        self._barrier()
         return directory
-
-    def close(self) -> None:
-        """Drop the engine (its optimizer state) before the multitask stage builds its own."""
-        destroy = getattr(self.engine, "destroy", None)
-        if destroy is not None:
-            destroy()
-        del self.engine
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
 
 def stage_settings(cfg: TrainConfig) -> dict:
@@ -393,10 +377,11 @@ def stage_settings(cfg: TrainConfig) -> dict:
             "hidden_dropout": cfg.model.hidden_dropout, "attention_dropout": cfg.model.attention_dropout}
 
 
-def run_stage(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path,
-              progress: bool = True) -> tuple[Path, dict]:
-    """Run the SimCSE stage, or reuse its finished result in ``OUT/simcse``; returns the
-    encoder directory and the report."""
+def run_stage(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, progress: bool = True,
+              resume: bool = False) -> tuple[Path | None, dict | None, dict | None]:
+    """Run the SimCSE stage, or reuse its finished result in ``OUT/simcse``; ``resume``: continue
+    from the stage's checkpoints when it has some. Returns (encoder directory, report, None), or
+    (None, None, where it stopped) when a stop request ended it early."""
     directory = Path(out_dir) / STAGE_DIR
     report_file = directory / REPORT
     if report_file.is_file():
@@ -407,8 +392,11 @@ def run_stage(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path,
         rank = dist.get_rank() if dist.is_initialized() else 0
         if rank == 0:
             print(f"simcse: reusing the finished stage in {directory}", flush=True)
-        return directory, report
-    stage = SimCSEStage(cfg, data_dir, out_dir, progress)
+        return directory, report, None
+    has_checkpoints = bool(list_checkpoints(Path(out_dir) / CHECKPOINT_DIR))
+    stage = SimCSEStage(cfg, data_dir, out_dir, progress, resume=out_dir if resume and has_checkpoints else None)
     report = stage.run()
     stage.close()
-    return directory, report
+    if report is None:
+        return None, None, stage.stopped
+    return directory, report, None

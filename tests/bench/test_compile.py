@@ -200,3 +200,68 @@ Resource usage:
     assert bench_compile.parse_resource_usage(text, "missing")["REG"] == 8
     with pytest.raises(ValueError):
         bench_compile.parse_resource_usage("nothing here")
+
+
+def test_sass_classifier_on_known_lines():
+    text = """
+	code for sm_90a
+		Function : _attn_kernel
+	.headerflags	@"EF_CUDA_ACCELERATORS EF_CUDA_SM90 EF_CUDA_VIRTUAL_SM(EF_CUDA_SM90)"
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                                 /* 0x00000a00ff017b82 */
+        /*0010*/                   S2R R2, SR_TID.X ;                                     /* 0x0000000000027919 */
+        /*0020*/                   IMAD.WIDE.U32 R4, R15, 0x2, R4 ;                       /* 0x000000020f047825 */
+        /*0030*/                   IMAD.HI.U32 R6, R7, -0x2daee0ad, RZ ;                  /* 0x0 */
+        /*0040*/                   LOP3.LUT R68, R14, 0x70, R15, 0x78, !PT ;              /* 0x0 */
+        /*0050*/               @!P0 SHF.L.U32 R15, R2, 0x1, RZ ;                          /* 0x0 */
+        /*0060*/                   UIADD3 UR4, UR4, 0x400, URZ ;                          /* 0x0 */
+        /*0070*/                   ISETP.GE.AND P0, PT, R3, 0x10, PT ;                    /* 0x0 */
+        /*0080*/                   FFMA R3, R2, R4, R5 ;                                  /* 0x0 */
+        /*0090*/                   MUFU.EX2 R3, R3 ;                                      /* 0x0 */
+        /*00a0*/                   F2FP.BF16.F32.PACK_AB R3, R4, R3 ;                     /* 0x0 */
+        /*00b0*/                   HGMMA.64x64x16.F32 R24, gdesc[UR4].tnspB, RZ, !UPT ;   /* 0x0 */
+        /*00c0*/                   HMMA.16816.F32.BF16 R8, R12, R16, R8 ;                 /* 0x0 */
+        /*00d0*/                   LDG.E.128 R8, desc[UR12][R24.64] ;                     /* 0x0 */
+        /*00e0*/               @P1 STG.E.128 desc[UR12][R2.64+0x800], R8 ;                /* 0x0 */
+        /*00f0*/                   LDSM.16.M88.4 R4, [R3] ;                               /* 0x0 */
+        /*0100*/                   STS.128 [R68], R8 ;                                    /* 0x0 */
+        /*0110*/                   LDGSTS.E.BYPASS.128 [R1], desc[UR12][R2.64] ;          /* 0x0 */
+        /*0120*/                   UTMALDG.2D [UR8], [UR4] ;                              /* 0x0 */
+        /*0130*/                   SYNCS.PHASECHK.TRANS64 P0, [UR4], R2 ;                 /* 0x0 */
+        /*0140*/                   WARPGROUP.ARRIVE ;                                     /* 0x0 */
+        /*0150*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;                          /* 0x0 */
+        /*0160*/               @!P0 BRA 0x40 ;                                            /* 0x0 */
+        /*0170*/                   SHFL.BFLY PT, R3, R2, 0x1, 0x1f ;                      /* 0x0 */
+        /*0180*/                   EXIT ;                                                 /* 0x0 */
+        /*0190*/                   BRA 0x190;                                             /* 0x0 */
+        /*01a0*/                   NOP;                                                   /* 0x0 */
+		Function : helper
+        /*0000*/                   RET.REL.NODEC R20 0x0 ;                                /* 0x0 */
+"""
+    funcs = bench_compile.parse_sass(text, "_attn_kernel")
+    assert list(funcs) == ["_attn_kernel"]
+    ops = funcs["_attn_kernel"]
+    assert ops[2] == "IMAD.WIDE.U32" and ops[5] == "SHF.L.U32" and ops[-1] == "EXIT"  # predicate dropped
+    counts = bench_compile.sass_counts(ops)
+    assert counts == {"mma": 2, "int": 6, "fp": 3, "mem_global": 2, "mem_shared": 4, "control": 5,
+                      "other": 3, "total": 25, "non_mma_per_mma": 11.5}
+    assert set(bench_compile.parse_sass(text)) == {"_attn_kernel", "helper"}  # name absent: all of them
+    assert bench_compile.sass_counts(["FADD"])["non_mma_per_mma"] is None
+    with pytest.raises(ValueError):
+        bench_compile.parse_sass("nothing here")
+
+
+def test_sass_counts_of_real_cubins(toy_run):
+    _, rows, _ = toy_run
+    for row in rows.values():
+        sass = row["sass"]
+        assert sass["total"] == sum(sass[k] for k in bench_compile.SASS_KEYS) > 0, row
+    copy = rows[("good BLOCK=1024", "sm_90")]["sass"]
+    # BLOCK=1024 fp32 over 128 threads: 8 values each, two 128-bit loads and stores per thread
+    assert copy["mma"] == 0 and copy["mem_shared"] == 0 and copy["non_mma_per_mma"] is None
+    assert copy["mem_global"] >= 4 and copy["control"] >= 1  # EXIT
+    dot80, dot90 = rows[("good 64x64x64", "sm_80")]["sass"], rows[("good 64x64x64", "sm_90")]["sass"]
+    # 64x64x64 on 4 warps: mma.sync m16n8k16 -> 64*64*64 / (16*8*16) / 4 = 32 HMMA per warp;
+    # wgmma 64x64x16 on one warpgroup -> 4 HGMMA
+    assert dot80["mma"] == 32 and dot90["mma"] == 4
+    assert dot90["non_mma_per_mma"] == (dot90["total"] - 4) / 4
+    assert dot80["mem_shared"] > 0 and dot90["mem_shared"] > 0

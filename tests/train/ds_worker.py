@@ -3,24 +3,34 @@
     deepspeed --num_gpus 2 tests/train/ds_worker.py --checkpoint DIR --data DIR --out DIR --scenarios a,b
     python tests/train/ds_worker.py ...            # one process
 
-Each scenario trains a few steps of a tiny BERT and rank 0 writes its per-step losses to
-``OUT/results.json``. Starting DeepSpeed once for several scenarios keeps the tests fast.
+Each scenario trains a few steps of a tiny BERT and rank 0 writes its per-step losses (and what
+else the tests check) to ``OUT/results.json``. Starting DeepSpeed once for several scenarios
+keeps the tests fast. The 2-rank scenarios that use collectives outside the trainer (``sigterm``,
+``truncated``) need a process group of 2.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import io
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
+import torch.distributed as dist
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from train.config import TrainConfig, from_dict  # noqa: E402
+from train.config import ConfigError, TrainConfig, from_dict  # noqa: E402
 from minbert.heads import MultitaskBert  # noqa: E402
 from minbert.model import BertModel  # noqa: E402
-from train.loop import Trainer, TrainingError, latest_checkpoint  # noqa: E402
+from train.checkpoints import list_checkpoints, read_latest, verify  # noqa: E402
+from train.loop import Trainer, TrainingError  # noqa: E402
 from train.simcse import SimCSEStage  # noqa: E402
+from train.stage import STOP  # noqa: E402
 
 NO_DROPOUT = {"hidden_dropout": 0.0, "attention_dropout": 0.0, "head_dropout": 0.0}
 SMALL_TASKS = {t: {"max_train": 48, "max_eval": 8, "max_length": 32} for t in ("sst", "quora", "sts")}
@@ -119,6 +129,134 @@ def gather_check() -> dict:
             "grad_diff": float((grad - w_full.grad).abs().max()), "grad_scale": float(w_full.grad.abs().max())}
 
 
+# ----------------------------------------------------------------------------- run, stop, resume
+def _trainer(cfg: dict, data: str, out: Path, **kwargs) -> Trainer:
+    return Trainer(from_dict(TrainConfig, cfg), data, out, progress=False, **kwargs)
+
+
+def _rank0_stderr(fn):
+    """``fn()``, and what rank 0 wrote to stderr meanwhile."""
+    buf = io.StringIO()
+    with contextlib.redirect_stderr(buf):
+        value = fn()
+    return value, buf.getvalue()
+
+
+def _all_ranks(value):
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def fp32_resume(table, data, out):
+    """Stop after 2 steps (checkpoint); 2 more steps are logged but never saved (a crash); a new
+    trainer resumes from step 2 and must not log those steps twice."""
+    first = _trainer(table["fp32"], data, out)
+    first.fit(stop_after=2)
+    for _ in range(2):
+        first.after_step(first.train_step(), _NoBar())
+    second = _trainer(table["fp32"], data, out, resume=out)
+    second.fit()
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return {"first": first.step_losses[:2], "second": second.step_losses,
+            "logged_steps": [r["step"] for r in log if "loss" in r]}
+
+
+class _NoBar:
+    def set_postfix(self, **kwargs):
+        pass
+
+
+def sigterm(table, data, out):
+    """SIGTERM to rank 0 after step 3 of 6: every rank saves at the next check (step 4, with
+    stop_check_every 2) and returns; a new trainer resumes and finishes the run."""
+    cfg = dict(table["fp32"], stop_check_every=2)
+    trainer = _trainer(cfg, data, out)
+    real_after_step = trainer.after_step
+
+    def after_step(result, bar):
+        real_after_step(result, bar)
+        if trainer.step == 3 and trainer.rank == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    trainer.after_step = after_step
+    trainer.fit()
+    stopped = _all_ranks(trainer.stopped)
+    STOP.clear()
+    resumed = _trainer(cfg, data, out, resume=out)
+    resumed.fit()
+    ckpt = Path(stopped[0]["checkpoint"])
+    return {"stopped": stopped, "first": trainer.step_losses, "second": resumed.step_losses,
+            "history": resumed.history, "checkpoint_problem": verify(ckpt),
+            "best_step": json.loads((out / "best" / "multitask.json").read_text())["step"]}
+
+
+def truncated(table, data, out):
+    """Checkpoints at steps 2 and 4; a file of step 4 is cut short: resuming falls back to step 2
+    with a warning naming the file, and the run then ends as an uninterrupted one does. A config
+    with another subset size is refused, naming the key."""
+    cfg = dict(table["zero2"], save_every_steps=2, keep_checkpoints=3)
+    first = _trainer(cfg, data, out)
+    first.fit(stop_after=4)
+    damaged = out / "checkpoints" / "step0000004" / "mp_rank_00_model_states.pt"
+    dist.barrier()
+    if first.rank == 0:
+        with open(damaged, "r+b") as f:
+            f.truncate(damaged.stat().st_size // 2)
+    dist.barrier()
+    resumed, warning = _rank0_stderr(lambda: _trainer(cfg, data, out, resume=out))
+    resumed_step = resumed.step
+    resumed.fit()
+    changed = copy.deepcopy(cfg)
+    changed["tasks"]["sst"]["max_train"] = 40
+    try:
+        _trainer(changed, data, out, resume=out)
+        refused = None
+    except ConfigError as e:
+        refused = str(e)
+    root = out / "checkpoints"
+    return {"damaged": str(damaged), "warning": warning, "resumed_step": resumed_step,
+            "losses": first.step_losses[:2] + resumed.step_losses, "refused": refused,
+            "left": [p.name for _, p in list_checkpoints(root)], "latest": read_latest(root).name,
+            "problems": [verify(p) for _, p in list_checkpoints(root)]}
+
+
+def simcse_resume(table, data, out):
+    """The SimCSE stage on the skeleton: stopped after 3 of 6 steps, resumed to the end."""
+    cfg = from_dict(TrainConfig, table["simcse-sup"])
+    stage = SimCSEStage(cfg, data, out, progress=False)
+    stage.before = stage.evaluate()
+    stage.fit(stop_after=3)
+    stage.close()
+    again = SimCSEStage(cfg, data, out, progress=False, resume=out)
+    resumed_step = again.step
+    report = again.run()
+    again.close()
+    return {"resumed_step": resumed_step, "losses": again.losses, "report": report,
+            "checkpoints_left": (out / "simcse-checkpoints").exists()}
+
+
+def offload(table, data, out):
+    """ZeRO-Offload from the user's own DeepSpeed JSON, batch sizes and precision "auto"."""
+    user = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto", "bf16": {"enabled": "auto"},
+            "zero_optimization": {"stage": "auto", "offload_optimizer": {"device": "cpu"},
+                                  "reduce_bucket_size": "auto", "overlap_comm": False}}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ds_user.json").write_text(json.dumps(user))
+    cfg = copy.deepcopy(table["zero2"])
+    cfg["deepspeed"]["config_file"] = str(out / "ds_user.json")
+    cfg["optim"]["name"] = "auto"  # on an offloaded optimizer: DeepSpeed's CPU Adam
+    trainer = _trainer(cfg, data, out)
+    trainer.fit()
+    return {"losses": trainer.step_losses, "ds_config": trainer.ds_config,
+            "optimizer": type(trainer.engine.optimizer.optimizer).__name__}
+
+
+SCENARIO_RUNNERS = {"fp32-resume": fp32_resume, "sigterm": sigterm, "truncated": truncated,
+                    "simcse-resume": simcse_resume, "offload": offload}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--checkpoint", required=True)
@@ -129,18 +267,12 @@ def main() -> int:
     args = ap.parse_args()
     out = Path(args.out)
     results = {}
-    import os
 
     world = int(os.environ.get("WORLD_SIZE", 1))
     table = scenarios(args.checkpoint, world)
     for name in args.scenarios.split(","):
-        if name == "fp32-resume":  # stop after 2 steps (checkpoint), then a new trainer resumes
-            cfg = from_dict(TrainConfig, table["fp32"])
-            first = Trainer(cfg, args.data, out / name, progress=False)
-            first.fit(stop_after=2)
-            second = Trainer(cfg, args.data, out / name, resume=out / name, progress=False)
-            second.fit()
-            results[name] = {"first": first.step_losses, "second": second.step_losses}
+        if name in SCENARIO_RUNNERS:
+            results[name] = SCENARIO_RUNNERS[name](table, args.data, out / name)
             continue
         if name == "nan":  # a loss that turns NaN after a checkpoint: a clear stop, checkpoint kept
             trainer = Trainer(from_dict(TrainConfig, table["zero2"]), args.data, out / name, progress=False)
@@ -151,7 +283,7 @@ def main() -> int:
                 trainer.fit()
                 results[name] = {"error": None}
             except TrainingError as e:
-                results[name] = {"error": str(e), "latest": str(latest_checkpoint(out / name))}
+                results[name] = {"error": str(e), "latest": str(read_latest(out / name / "checkpoints"))}
             finally:
                 MultitaskBert.loss = staticmethod(real_loss)
             continue
@@ -171,7 +303,7 @@ def main() -> int:
             except KeyboardInterrupt:
                 pass
             resumed = Trainer(cfg, args.data, out / name, resume=out / name, progress=False)
-            results[name] = {"latest": str(latest_checkpoint(out / name)), "resumed_step": resumed.step}
+            results[name] = {"latest": str(read_latest(out / name / "checkpoints")), "resumed_step": resumed.step}
             continue
         if name.startswith("simcse"):
             results[name] = simcse_scenario(from_dict(TrainConfig, table[name]), args.data, out / name)

@@ -99,21 +99,47 @@ def write(directory: Path, name: str, lines: list[str]) -> Path:
     return path
 
 
-def test_csv_quoting_and_multiline_records(tmp_path):
+def test_csv_quoting_and_one_record_per_line(tmp_path):
     write(tmp_path, "quora-dev.csv", [
         "\tid\tsentence1\tsentence2\tis_duplicate",
         '0\ta1\t"""text """"quoted"""" more"""\tplain\t1.0',
-        '1\ta2\t"spans\ntwo lines"\t  padded  \t0.0',
+        '1\ta2\t"spans\ntwo lines"\t  padded  \t0.0',  # lines 3-4: a record across two lines
         "2\ta3\tx\ty\t0",
         "3\ta4\tx\t\t1.0",  # line 6: empty sentence2
     ])
     loaded = load_task("quora", "dev", tmp_path, warn=False)
     assert loaded.examples == [
         PairExample("a1", '"text ""quoted"" more"', "plain", 1),
-        PairExample("a2", "spans\ntwo lines", "padded", 0),
         PairExample("a3", "x", "y", 0),
     ]
-    assert loaded.skipped == [(6, "empty sentence2")]
+    assert [line for line, _ in loaded.skipped] == [3, 4, 6]
+    assert loaded.skipped[0][1].startswith("unbalanced quote")
+    assert loaded.skipped[1:] == [(4, "3 fields, expected 5"), (6, "empty sentence2")]
+    assert loaded.skip_counts() == {"unbalanced quote": 1, "wrong number of fields": 1, "empty sentence": 1}
+
+
+def test_unbalanced_quote_spoils_only_its_own_line(tmp_path):
+    """The drill of the issue: a quote that never closes used to swallow the rows after it into
+    one long "sentence" full of tabs and newlines. Every other row must come through unmerged,
+    and the report must count each reason with its line numbers."""
+    rows = [f"{i}\tq{i}\tQuestion number {i}?\tAnother question {i}?\t{i % 2}" for i in range(40)]
+    rows[3] = '3\tq3\t"Why do quotes never close?\tWhat happens then?\t1'  # line 5
+    rows[20] = '20\tq20\t"a quoted\ttab"\tsecond\t0'  # line 22: a tab inside a field
+    rows[30] = '30\tq30\tfirst\tsecond\t7'  # line 32: label out of range
+    write(tmp_path, "quora-train.csv", ["\tid\tsentence1\tsentence2\tis_duplicate", *rows])
+    with pytest.warns(MalformedRowWarning) as record:
+        loaded = load_task("quora", "train", tmp_path)
+    assert [line for line, _ in loaded.skipped] == [5, 22, 32]
+    assert loaded.skipped_ids == ["q3", "q20", "q30"]
+    good = [f"q{i}" for i in range(40) if i not in (3, 20, 30)]
+    assert [e.id for e in loaded.examples] == good  # no row merged into another, none lost
+    assert all(e.sentence1 == f"Question number {e.id[1:]}?" for e in loaded.examples)
+    assert all("\t" not in s and "\n" not in s for e in loaded.examples for s in (e.sentence1, e.sentence2))
+    message = str(record[0].message)
+    assert "skipped 3 malformed row(s)" in message
+    for part in ("1 unbalanced quote (line 5)", "1 tab or line break inside a field (line 22)",
+                 "1 label out of range (line 32)"):
+        assert part in message, message
 
 
 def test_columns_in_any_order(tmp_path):
@@ -147,23 +173,28 @@ def test_malformed_rows_are_skipped(tmp_path, task, split, header, rows, expecte
     with pytest.warns(MalformedRowWarning, match=DATA_FILES[task][split]) as record:
         loaded = load_task(task, split, tmp_path)
     assert [line for line, _ in loaded.skipped] == expected_lines
-    assert f"skipped {len(expected_lines)} malformed row(s)" in str(record[0].message)
+    message = str(record[0].message)
+    assert f"skipped {len(expected_lines)} malformed row(s)" in message
+    # every reason is counted in the report, not only the first
+    assert sum(loaded.skip_counts().values()) == len(expected_lines)
+    for kind, n in loaded.skip_counts().items():
+        assert f"{n} {kind} (line" in message, message
     assert len(loaded) + len(loaded.skipped) <= len(rows)
     if split == "test":
         assert all(ex.label is None for ex in loaded)
 
 
-def test_unbalanced_quote_swallows_lines(tmp_path):
+def test_unbalanced_quote_at_the_end_keeps_the_rows_after_it(tmp_path):
     write(tmp_path, "ids-sst-dev.csv", [
         "\tid\tsentence\tsentiment",
         "0\ts1\tfine\t4",
-        '1\ts2\t"never closed\t1',  # line 3: the quote runs to the end of the file
-        "2\ts3\tlost\t2",
-        "3\ts4\tlost too\t3",
+        '1\ts2\t"never closed\t1',  # line 3: csv would run this quote to the end of the file
+        "2\ts3\tkept\t2",
+        "3\ts4\tkept too\t3",
     ])
     loaded = load_task("sst", "dev", tmp_path, warn=False)
-    assert [ex.id for ex in loaded] == ["s1"]
-    assert loaded.skipped == [(3, "3 fields, expected 4")]
+    assert [ex.id for ex in loaded] == ["s1", "s3", "s4"]
+    assert [line for line, _ in loaded.skipped] == [3] and loaded.skipped_kinds == ["unbalanced quote"]
 
 
 def test_warning_lists_first_ten_lines(tmp_path):

@@ -1,28 +1,34 @@
 """Multitask training under DeepSpeed on CPU ranks: parity across ZeRO stages and world sizes,
-PCGrad, resuming, failure handling, and the `train/run.py` entry point with its predictions.
+PCGrad, resuming, stop requests, damaged checkpoints, ZeRO-Offload from a user's DeepSpeed JSON,
+failure handling, and the `train/run.py` entry point with its predictions and refusals.
 
 DeepSpeed starts are the slow part, so one 2-rank launch and one single-process launch of
-tests/train/ds_worker.py run every scenario and the tests read their per-step losses.
+tests/train/ds_worker.py run every scenario and the tests read their results. The preemption
+drills through the real launcher (several launches each) are at the end, marked slow.
 """
 from __future__ import annotations
 
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
 from minbert import BertConfig, BertModel, Tokenizer
+from train.checkpoints import read_latest, step_of, verify
 from train.data import load_task
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = REPO / "tests" / "train" / "ds_worker.py"
 TWO_RANK_SCENARIOS = ("zero0,zero1,zero2,zero2-fused,pcgrad,fp32,fp32-resume,learn,nan,interrupted-save,"
-                      "simcse-sup,simcse-unsup")
+                      "simcse-sup,simcse-unsup,sigterm,truncated,simcse-resume,offload")
 ONE_PROC_SCENARIOS = "zero2,pcgrad,simcse-sup"
 
 
@@ -115,6 +121,58 @@ def test_resume_continues_with_the_same_losses(results):
     assert len(split["first"]) == 2 and len(split["second"]) == 4
     resumed = split["first"] + split["second"]
     _assert_losses_close(resumed, full, 1e-6)
+    # steps 3 and 4 were logged, then lost (no checkpoint): log.jsonl holds each step once
+    assert split["logged_steps"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_sigterm_to_rank_0_mid_epoch_saves_there_and_resumes_like_an_uninterrupted_run(results):
+    r, full = results["two"]["sigterm"], results["two"]["fp32"]
+    # the signal came after step 3 on rank 0 only; both ranks agreed at the next check (step 4)
+    assert [s["step"] for s in r["stopped"]] == [4, 4]
+    assert r["stopped"][0]["reason"] == "SIGTERM" and r["stopped"][0]["total_steps"] == 6
+    assert r["stopped"][0]["checkpoint"].endswith("step0000004") and r["checkpoint_problem"] is None
+    assert len(r["first"]) == 4 and len(r["second"]) == 2
+    _assert_losses_close(r["first"] + r["second"], full["losses"], 1e-6)
+    assert r["history"] == full["history"] and r["best_step"] == 6  # the same dev scores
+
+
+def test_truncated_checkpoint_falls_back_with_a_warning_naming_the_file(results):
+    r = results["two"]["truncated"]
+    assert r["damaged"] in r["warning"] and "falling back to" in r["warning"]
+    assert r["warning"].rstrip().endswith("step0000002")
+    assert r["resumed_step"] == 2
+    # the run resumed from step 2 ends as the uninterrupted one (same config but save_every_steps)
+    _assert_losses_close(r["losses"], results["two"]["zero2"]["losses"], 1e-6)
+    # the damaged step 4 was rewritten on the new timeline; every checkpoint left verifies
+    assert r["left"] == ["step0000002", "step0000004", "step0000006"] and r["latest"] == "step0000006"
+    assert r["problems"] == [None, None, None]
+
+
+def test_resume_with_another_subset_size_is_refused_naming_the_key(results):
+    refused = results["two"]["truncated"]["refused"]
+    assert refused is not None
+    assert "tasks.sst.max_train: 48 in the checkpoint, 40 now" in refused
+
+
+def test_simcse_stage_resumes_on_the_skeleton(results):
+    r, full = results["two"]["simcse-resume"], results["two"]["simcse-sup"]
+    assert r["resumed_step"] == 3 and r["report"]["steps"] == 6
+    _assert_losses_close([{"simcse": v} for v in r["losses"]], [{"simcse": v} for v in full["losses"]], 1e-6)
+    assert r["report"]["zero_shot_sts_before"] == full["report"]["zero_shot_sts_before"]
+    assert not r["checkpoints_left"]  # the export is the stage's result; its checkpoints go
+
+
+def test_zero_offload_from_the_users_deepspeed_json(results):
+    """"auto" filled from the run config, the bucket size from the model, the optimizer on the
+    CPU as DeepSpeed's CPU Adam; it trains like the GPU-resident optimizer."""
+    r = results["two"]["offload"]
+    ds = r["ds_config"]
+    assert ds["train_batch_size"] == 8 and ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 1 and ds["bf16"] == {"enabled": True}
+    assert ds["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu"},
+                                       "reduce_bucket_size": 64 * 64, "overlap_comm": False}
+    assert r["optimizer"] == "DeepSpeedCPUAdam"
+    _assert_losses_close(r["losses"], results["two"]["zero2"]["losses"], BF16_REL)
 
 
 def test_zero2_bf16_training_loss_falls(results):
@@ -251,6 +309,27 @@ def test_run_py_two_ranks_writes_predictions_for_every_test_id(tiny_checkpoint, 
     for name in ("sst-dev-output.csv", "para-test-output.csv", "sts-dev-output.csv"):
         assert (again / name).read_text() == (out / "predictions" / name).read_text(), name
 
+    # The drills on the finished run: a new run into its --out, and a resume with another subset
+    # size, are refused in one line before any work, and nothing of the run changes.
+    before = _tree_digest(out)
+    assert any(p.startswith("checkpoints/step") for p in before) and "summary.json" in before
+    for args, message in ((["--config", "train/configs/cpu_smoke.json", "--out", str(out)],
+                           f"--out {out} already holds a run"),
+                          (["--resume", str(out), "--tasks.sst.max_train", "512"],
+                           "tasks.sst.max_train: 1024 in the checkpoint, 512 now")):
+        proc = subprocess.run([sys.executable, "train/run.py", "--data", str(data_dir), *args], cwd=REPO,
+                              env=_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and proc.stderr.startswith("error: ") and message in proc.stderr, proc.stderr
+        assert proc.stderr.count("\n") == 1, proc.stderr
+    assert _tree_digest(out) == before
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    import hashlib
+
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
 
 def _all_ids(path: Path) -> set[str]:
     """Every id in a data file, malformed rows included (the files must cover them too)."""
@@ -281,3 +360,148 @@ def test_run_py_bad_input_fails_with_a_clear_message(tmp_path, data_dir, args, m
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-3000:]
+
+
+def test_run_py_non_utf8_data_file_is_one_line(tmp_path, data_dir):
+    """A user error found inside a stage (after the process group started) is one line too."""
+    bad = tmp_path / "data"
+    bad.mkdir()
+    for f in data_dir.iterdir():
+        (bad / f.name).symlink_to(f)
+    (bad / "ids-sst-dev.csv").unlink()
+    (bad / "ids-sst-dev.csv").write_bytes((data_dir / "ids-sst-dev.csv").read_bytes().replace(b"e", b"\xe9", 1))
+    cmd = [sys.executable, "train/run.py", "--config", "train/configs/cpu_smoke.json", "--data", str(bad),
+           "--out", str(tmp_path / "run"), "--no-progress"]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {bad / 'ids-sst-dev.csv'} is not valid UTF-8"), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------- preemption drills
+# Through the real launcher (``deepspeed --num_gpus 2 train/run.py``), as a scheduler does them:
+# SIGTERM to rank 0 in the middle of an epoch, to the ``deepspeed`` runner alone, and to the whole
+# process group. Each launch costs 30-60 s on a 2-core machine, so these are ``slow``; the same
+# stop / resume logic runs in the default suite inside one launch (scenarios sigterm, truncated).
+DRILL_STEPS_PER_EPOCH = 16
+
+
+def _drill_command(tiny: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    cmd = [_deepspeed(), "--num_gpus", "2", "train/run.py", "--data", str(data), "--out", str(out),
+           "--no-progress"]
+    if "--resume" in extra:
+        return cmd[:4] + ["--data", str(data), "--no-progress", *extra]
+    return cmd + ["--config", "train/configs/cpu_smoke.json", "--model.checkpoint", str(tiny),
+                  "--epochs", "2", "--steps_per_epoch", str(DRILL_STEPS_PER_EPOCH), "--deepspeed.global_batch", "8",
+                  "--deepspeed.micro_batch_per_device", "4", "--log_every", "1", "--stop_check_every", "2",
+                  "--tasks.sst.max_eval", "32", "--tasks.quora.max_eval", "32", "--tasks.sts.max_eval", "32",
+                  *extra]
+
+
+def _launch(cmd: list[str], logs: Path, **kwargs) -> subprocess.Popen:
+    """Output to files, not pipes: the ranks outlive a killed runner and would hold a pipe open."""
+    logs.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=open(logs / "stdout", "w"),
+                            stderr=open(logs / "stderr", "w"), **kwargs)
+
+
+def _logged_step(out: Path) -> int:
+    try:
+        lines = (out / "log.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    steps = [json.loads(line).get("step", 0) for line in lines if line.endswith("}") and '"loss"' in line]
+    return max(steps, default=0)
+
+
+def _wait_for_step(proc: subprocess.Popen, out: Path, step: int, timeout: float = 600) -> None:
+    t0 = time.monotonic()
+    while _logged_step(out) < step:
+        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before step {step}"
+        assert time.monotonic() - t0 < timeout, f"no step {step} after {timeout} s"
+        time.sleep(0.05)
+
+
+def _ranks(proc: subprocess.Popen) -> dict[int, psutil.Process]:
+    found = {}
+    for p in psutil.Process(proc.pid).children(recursive=True):
+        cmd = " ".join(p.cmdline())
+        if "train/run.py" in cmd and "--local_rank=" in cmd:
+            found[int(cmd.split("--local_rank=")[1].split()[0])] = p
+    return found
+
+
+def _no_orphans(ranks: dict[int, psutil.Process], timeout: float = 120) -> None:
+    gone, alive = psutil.wait_procs(list(ranks.values()), timeout=timeout)
+    assert not alive, f"ranks still running: {[p.pid for p in alive]}"
+
+
+def _read(logs: Path, name: str) -> str:
+    return (logs / name).read_text()
+
+
+def _stop_checkpoint(out: Path, mid_epoch: bool = True) -> Path:
+    """The checkpoint a stop left: complete, at an agreement step (every 2), before the end."""
+    latest = read_latest(out / "checkpoints")
+    assert latest is not None and verify(latest) is None
+    step = step_of(latest)
+    assert step % 2 == 0 and 5 < step < 2 * DRILL_STEPS_PER_EPOCH, latest
+    if mid_epoch:
+        assert step % DRILL_STEPS_PER_EPOCH != 0, f"{latest} is not a mid-epoch stop"
+    return latest
+
+
+@pytest.mark.slow
+def test_drill_sigterm_to_rank_0_mid_epoch_then_resume_equals_the_uninterrupted_run(tiny_checkpoint, data_dir,
+                                                                               tmp_path):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    proc = _launch(_drill_command(tiny_checkpoint, data_dir, whole), tmp_path / "logs-whole")
+    assert proc.wait(timeout=1800) == 0, _read(tmp_path / "logs-whole", "stderr")[-3000:]
+
+    proc = _launch(_drill_command(tiny_checkpoint, data_dir, cut), tmp_path / "logs-cut")
+    _wait_for_step(proc, cut, 5)
+    ranks = _ranks(proc)
+    assert set(ranks) == {0, 1}
+    ranks[0].send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=600) == 0, _read(tmp_path / "logs-cut", "stderr")[-3000:]
+    stdout = _read(tmp_path / "logs-cut", "stdout")
+    latest = _stop_checkpoint(cut)
+    assert f"stopped at step {step_of(latest)} of {2 * DRILL_STEPS_PER_EPOCH} (SIGTERM)" in stdout, stdout[-2000:]
+    assert f"To resume: train/run.py --resume {cut}" in stdout
+    assert not (cut / "predictions").exists()
+
+    proc = _launch(_drill_command(tiny_checkpoint, data_dir, cut, "--resume", str(cut)),
+                   tmp_path / "logs-resume")
+    assert proc.wait(timeout=1800) == 0, _read(tmp_path / "logs-resume", "stderr")[-3000:]
+    assert f"resumed from {latest} at step {step_of(latest)}" in _read(tmp_path / "logs-resume", "stdout")
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (whole, cut))
+    assert b["best_dev"] == a["best_dev"] and b["steps"] == a["steps"] == 2 * DRILL_STEPS_PER_EPOCH
+    assert _tree_digest(cut / "predictions") == _tree_digest(whole / "predictions")
+    log = [json.loads(line) for line in (cut / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == list(range(1, 2 * DRILL_STEPS_PER_EPOCH + 1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["runner", "process group"])
+def test_drill_sigterm_to_the_runner_or_the_process_group_saves_and_leaves_no_orphans(tiny_checkpoint, data_dir,
+                                                                                 tmp_path, target):
+    """SIGTERM to the ``deepspeed`` runner alone kills it at once (single node); the ranks notice
+    their launcher is gone and stop as on SIGTERM. To the process group (what a scheduler does):
+    the ranks get it directly and from deepspeed's launch.py, which waits for them."""
+    out = tmp_path / "run"
+    proc = _launch(_drill_command(tiny_checkpoint, data_dir, out), tmp_path / "logs", start_new_session=True)
+    _wait_for_step(proc, out, 5)
+    ranks = _ranks(proc)
+    assert set(ranks) == {0, 1}
+    if target == "runner":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=120)
+    _no_orphans(ranks)
+    stdout = _read(tmp_path / "logs", "stdout")
+    latest = _stop_checkpoint(out, mid_epoch=False)  # the launcher's exit is seen within ~1 s
+    reason = "the launcher (pid" if target == "runner" else "SIGTERM"
+    assert f"stopped at step {step_of(latest)} of {2 * DRILL_STEPS_PER_EPOCH} ({reason}" in stdout, stdout[-3000:]
+    assert f"To resume: train/run.py --resume {out}" in stdout
