@@ -135,7 +135,7 @@ def adamw_ref(
             g.mul_(coef.to(g.device))
     targets = params if master_params is None else master_params
     if master_params is not None:
-        grads = [g.float() for g in grads]
+        grads = [g.to(w.dtype) for g, w in zip(grads, master_params)]  # fp32 (fp64 in a reference)
     beta1, beta2 = betas
     _torch_adam(
         targets, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=foreach,
@@ -922,9 +922,10 @@ def adamw_case(sizes: tuple[int, ...], master: bool = True, max_grad_norm: float
 
     Inputs are flat buffers: param, grad, exp_avg, exp_avg_sq (and master). fp16 / bf16 with
     ``master``: fp32 master and moments; ``master=False``: state in the param's dtype. Outputs:
-    the new (param, exp_avg, exp_avg_sq) and, with a master, the new master. The eager run in a
-    16-bit dtype without master is ``torch.optim.AdamW`` on 16-bit tensors; with master it is the
-    fp32 update on the master. Nothing is differentiated, so only outputs are compared.
+    the update (new - old, in fp32) of the master, or of the param without one, the new exp_avg
+    and exp_avg_sq and, with a master, the new 16-bit param. The eager run in a 16-bit dtype
+    without master is ``torch.optim.AdamW`` on 16-bit tensors; with master it is the fp32 update
+    on the master. Nothing is differentiated, so only outputs are compared.
     """
     total = sum(sizes)
     parts = [f"{'+'.join(map(str, sizes))}", "master" if master else "no-master"]
@@ -948,18 +949,28 @@ def adamw_case(sizes: tuple[int, ...], master: bool = True, max_grad_norm: float
             sizes=sizes, steps=prior_steps, max_grad_norm=max_grad_norm, **_CASE_HYPER)
 
     def run(fn, param, grad, exp_avg, exp_avg_sq, master, sizes, steps, **kw):
+        # the update (new - old, exact in fp32 for 16-bit values) of the tensor that holds the
+        # optimizer's result, the master if any, so the budget is relative to the step rather
+        # than to the weights (a no-op passes a budget relative to max |param| when the step is
+        # smaller); a 16-bit parameter beside its master is compared as it is (the master rounded)
+        target = master if master is not None else param
+        old = target.clone()
         views = [_split(t, sizes) if t is not None else None
                  for t in (param, grad, exp_avg, exp_avg_sq, master)]
         step_ts = [torch.tensor(float(steps)) for _ in sizes]
         fn(*views[:4], step_ts, master_params=views[4], **kw)
-        return (param, exp_avg, exp_avg_sq) + ((master,) if master is not None else ())
+        wide = torch.promote_types(target.dtype, torch.float32)  # fp32, fp64 in a reference
+        update = target.to(wide) - old.to(wide)
+        return (update, exp_avg, exp_avg_sq) + ((param,) if master is not None else ())
 
     def kernel_fn(**inputs):
         return run(adamw_step, **inputs)
 
     def ref_fn(upcast=False, **inputs):
-        # upcast: compare_case hands fp32 copies of every tensor (param included), so the fp32
-        # update of the master is the same computation; it does not depend on the flag
+        # upcast (the reference of a 16-bit case): fp64, so the reference is more precise than
+        # the fp32 master and moments too (in fp32 it would be the eager computation itself)
+        if upcast:
+            inputs = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         return run(adamw_ref, **inputs)
 
     return OpCase(name, make_inputs, kernel_fn, ref_fn)

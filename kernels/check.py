@@ -3,7 +3,7 @@
 For each op module's ``check_cases()`` and each dtype, runs ``kernels.testing.compare_case`` and
 prints one line per compared tensor (the forward outputs and every gradient): the kernel's max
 error against the fp32-upcast reference, eager PyTorch's error in the same dtype, the budget
-(2 x eager error + atol of the dtype) and PASS/FAIL. Exits with status 1 when anything fails.
+(2 x eager error + a floor relative to max |ref|, kernels.testing.REL_FLOOR) and PASS/FAIL. Exits with status 1 when anything fails.
 
     python -m kernels.check [--device cpu|cuda] [--dtype fp32,fp16,bf16] [--op NAME] [--json FILE]
 
@@ -170,7 +170,7 @@ def _row(module_short: str, comp, elapsed_s: float | None = None) -> dict:
 
 COLUMNS = [
     ("case", "case"), ("dtype", "dtype"), ("what", "what"),
-    ("err", "max err vs fp32", _fmt_err), ("eager_err", "eager err", _fmt_err),
+    ("err", "max err vs ref", _fmt_err), ("eager_err", "eager err", _fmt_err),
     ("budget", "budget", _fmt_err), ("err_over_budget", "err/budget", lambda x: f"{x:.2f}"),
     ("result", "result"), ("where", "where"),
 ]
@@ -215,6 +215,29 @@ def run_checks(device: str, dtypes, op: str | None = None, modules: list[str] | 
     return rows, errors
 
 
+def _wrong_kernels(device: str, dtypes, base: str, op: str | None, modules: list[str] | None) -> int:
+    """The budget's self-test: a table op x dtype x wrong kernel, and how many comparisons of the
+    right (eager-accurate) kernels would accept an all-zero output."""
+    from bench._report import progress
+    from kernels.testing import (OpCase, compare_case, self_test, self_test_cases, self_test_table,
+                                 zero_acceptance)
+
+    cases = [(o, c) for o, c in self_test_cases(modules) if selected(op, o, _case_name(c))]
+    progress(f"kernels.check: {len(cases)} cases x {len(dtypes)} dtypes, wrong kernels from {base}")
+    results = self_test(device, dtypes, base, cases)
+    print(self_test_table(results))
+    eager = [c for _, case in cases for dt in dtypes for c in compare_case(
+        OpCase(case.name, case.make_inputs, lambda _c=case, **kw: _c.ref_fn(**kw, upcast=False),
+               case.ref_fn), device, dt)]
+    n, accept, exact = zero_acceptance(eager)
+    print(f"\n{n} comparisons of eager-accurate kernels; an all-zero output would pass {accept} "
+          f"({exact} of them with an exactly-zero reference, where zeros are right)")
+    missed = [r for r in results if r.caught is False]
+    for r in missed:
+        print(f"NOT CAUGHT: {r.op} {r.case} [{dtype_name(r.dtype)}] {r.variant}")
+    return 1 if missed or accept > exact else 0
+
+
 def main(argv: list[str] | None = None, reexec: bool = False) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="python -m kernels.check", description=__doc__.split("\n")[0])
@@ -226,6 +249,10 @@ def main(argv: list[str] | None = None, reexec: bool = False) -> int:
                    help="check this module (dotted name or .py path) instead of OP_MODULES; repeatable")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--wrong-kernels", choices=["eager", "kernel"], default=None,
+                   help="instead: the error budget's self-test, wrong kernels (zeros, out x 0.9, grad "
+                        "x 0.9, transposed output, no-op, no weight decay, half lr) built from the "
+                        "eager reference or the Triton kernels, each must fail")
     p.add_argument("--debug", action="store_true", help="tracebacks for input errors too")
     args = p.parse_args(argv)
     check_output_file(args.json, "--json")
@@ -245,6 +272,8 @@ def main(argv: list[str] | None = None, reexec: bool = False) -> int:
     from bench._report import format_table, write_json
 
     t0 = time.perf_counter()
+    if args.wrong_kernels:
+        return _wrong_kernels(device, dtypes, args.wrong_kernels, args.op, args.module)
     rows, errors = run_checks(device, dtypes, args.op, args.module, args.seed)
     print(format_table(rows, COLUMNS))
     n_fail = sum(not r["ok"] for r in rows)

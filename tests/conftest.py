@@ -31,6 +31,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--kernels-device", choices=("cpu", "cuda"), default=None,
         help=f"where the Triton kernel tests run: cpu (Triton's interpreter) or cuda (compiled "
              f"kernels); default ${DEVICE_ENV}, else cuda when available")
+    parser.addoption(
+        "--torch-threads", type=int, default=1,
+        help="torch's intra-op CPU threads in the test process (default 1: the tests' tensors are "
+             "small, and on a shared 2-core machine a second OpenMP thread mostly spins; 0 keeps "
+             "torch's default)")
 
 
 def _resolve_device(config: pytest.Config) -> str:
@@ -61,6 +66,8 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ["TRITON_INTERPRET"] = "1"
     os.environ[DEVICE_ENV] = device
     config.kernels_device = device
+    if config.getoption("--torch-threads") > 0:
+        torch.set_num_threads(config.getoption("--torch-threads"))
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -79,6 +86,29 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_gpu)
         if device == "cuda" and "interpreter" in item.keywords:
             item.add_marker(skip_interp)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _budget_census(pytestconfig: pytest.Config):
+    """Every kernel comparison of the session, for the summary line (pytest_terminal_summary)."""
+    from kernels.testing import record_comparisons
+
+    with record_comparisons() as found:
+        yield
+    pytestconfig.kernel_comparisons = found
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    found = getattr(config, "kernel_comparisons", None)
+    if not found:
+        return
+    from kernels.testing import zero_acceptance
+
+    n, accept, exact = zero_acceptance(found)
+    launches = sum(c.what.startswith("launch ") for c in found)
+    terminalreporter.write_line(
+        f"kernel budgets: {n} tensor comparisons and {launches} launch checks; an all-zero output "
+        f"would pass {accept} ({exact} where the reference is exactly zero)")
 
 
 @pytest.fixture(scope="session")

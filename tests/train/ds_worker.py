@@ -78,16 +78,60 @@ def scenarios(checkpoint: str, world: int) -> dict[str, dict]:
                            **{"deepspeed.micro_batch_per_device": micro}),
         "simcse-unsup": base(checkpoint, simcse=dict(SIMCSE, mode="unsup", max_steps=16),
                              **{"deepspeed.micro_batch_per_device": micro, "model.hidden_dropout": 0.1}),
+        # the stage's first-step gradient in fp32: the reference the bf16 gradients are held to
+        "simcse-sup-fp32": base(checkpoint, simcse=dict(SIMCSE, mode="sup", max_steps=1, eval_max=4),
+                                **{"deepspeed.micro_batch_per_device": micro, "deepspeed.bf16": False}),
+        # the Triton kernels (Triton's interpreter on CPU) against eager inside bf16 training steps:
+        # head dim 32, SST only (the interpreter's cost grows with the tokens), padded batches
+        # spanning several key tiles (kernels_scenario)
+        **{f"kernels-{k}": base(checkpoint, steps_per_epoch=KERNEL_STEPS, **{
+            "deepspeed.micro_batch_per_device": micro, "model.kernels": k, "tasks.quora.enabled": False,
+            "tasks.sts.enabled": False, "tasks.sst.max_eval": 4, "tasks.sst.max_length": 48})
+           for k in ("eager", "triton")},
     }
+
+
+KERNEL_STEPS = 4
+KERNEL_TILE = 16  # attention tiles of 16 x 16 in the Triton run: SST batches of 4 span 2-3 key tiles
 
 
 SIMCSE = {"enabled": True, "global_batch": 8, "max_examples": 256, "max_steps": 6, "eval_max": 24,
           "max_length": 24, "lr": 1e-3, "temperature": 0.1}
 
 
+def _save_first_step_grads(stage, path: Path) -> None:
+    """Record the full (all ranks') fp32 gradient of every parameter at the stage's first step,
+    after the backward and before the optimizer step; rank 0 saves it to ``path``."""
+    import torch
+    from deepspeed.utils import safe_get_full_grad
+
+    real_step = stage.engine.step
+
+    def step(*args, **kwargs):
+        if not path.exists() and stage.step == 0:
+            grads = {n: safe_get_full_grad(p).detach().float().cpu().clone()  # a collective
+                     for n, p in stage.engine.module.named_parameters()}
+            if stage.rank == 0:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(grads, path)
+        return real_step(*args, **kwargs)
+
+    stage.engine.step = step
+
+
+def simcse_fp32_grads(table, data, out) -> dict:
+    """One fp32 step of the supervised stage; only its first-step gradient is kept."""
+    stage = SimCSEStage(from_dict(TrainConfig, table["simcse-sup-fp32"]), data, out, progress=False)
+    _save_first_step_grads(stage, out / "grads_step1.pt")
+    stage.run()
+    stage.close()
+    return {"grads_step1": str(out / "grads_step1.pt")}
+
+
 def simcse_scenario(cfg: TrainConfig, data: str, out: Path) -> dict:
     """Run the stage, then build the multitask trainer from its result (no multitask steps)."""
     stage = SimCSEStage(cfg, data, out, progress=False)
+    _save_first_step_grads(stage, out / "grads_step1.pt")
     report = stage.run()
     stage.close()
     trainer = Trainer(cfg, data, out, progress=False, init_checkpoint=out / "simcse")
@@ -97,7 +141,7 @@ def simcse_scenario(cfg: TrainConfig, data: str, out: Path) -> dict:
     mismatch = max(float((start[k].float() - v.to(start[k].dtype).float()).abs().max())
                    for k, v in exported.items())
     return {"losses": stage.losses, "report": report, "start_mismatch": mismatch,
-            "gather_check": gather_check()}
+            "gather_check": gather_check(), "grads_step1": str(out / "grads_step1.pt")}
 
 
 def gather_check() -> dict:
@@ -127,6 +171,40 @@ def gather_check() -> dict:
     full.backward()
     return {"loss_diff": abs(float(loss) - float(full)),
             "grad_diff": float((grad - w_full.grad).abs().max()), "grad_scale": float(w_full.grad.abs().max())}
+
+
+def kernels_scenario(table, data, out, backend: str) -> dict:
+    """A few bf16 steps with ``model.kernels`` = ``backend``. The Triton run uses attention tiles of
+    ``KERNEL_TILE`` (a launcher configuration the kernels take at any size) so that the short SST
+    sentences span several key tiles, and records what the kernels saw: launches by kernel, the
+    longest padded length and whether any key was padding."""
+    import importlib
+
+    from kernels.testing import count_launches
+
+    if backend == "eager":
+        trainer = _trainer(table["kernels-eager"], data, out)
+        trainer.fit()
+        return {"losses": trainer.step_losses}
+    A = importlib.import_module("kernels.attention")
+    tile = A._Tile(KERNEL_TILE, KERNEL_TILE, 4, 2)
+    A._CONFIGS[(32, "16")] = A._AttentionConfig(tile, tile, tile)
+    seen = {"max_len": 0, "padded": False}
+    real_fwd = A.attention_fwd
+
+    def attention_fwd(q, k, v, key_padding_mask=None, *args, **kwargs):
+        seen["max_len"] = max(seen["max_len"], q.shape[2])
+        seen["padded"] |= key_padding_mask is not None and not bool(key_padding_mask.all())
+        return real_fwd(q, k, v, key_padding_mask, *args, **kwargs)
+
+    A.attention_fwd = attention_fwd
+    try:
+        with count_launches() as launched:
+            trainer = _trainer(table["kernels-triton"], data, out)
+            trainer.fit()
+    finally:
+        A.attention_fwd = real_fwd
+    return {"losses": trainer.step_losses, "launches": dict(launched), **seen, "tile": KERNEL_TILE}
 
 
 # ----------------------------------------------------------------------------- run, stop, resume
@@ -254,7 +332,9 @@ def offload(table, data, out):
 
 
 SCENARIO_RUNNERS = {"fp32-resume": fp32_resume, "sigterm": sigterm, "truncated": truncated,
-                    "simcse-resume": simcse_resume, "offload": offload}
+                    "simcse-resume": simcse_resume, "offload": offload, "simcse-sup-fp32": simcse_fp32_grads,
+                    "kernels-eager": lambda *a: kernels_scenario(*a, "eager"),
+                    "kernels-triton": lambda *a: kernels_scenario(*a, "triton")}
 
 
 def main() -> int:
