@@ -32,6 +32,7 @@ from types import ModuleType
 OP_MODULES = [
     "kernels.layernorm_gelu",
     "kernels.attention",
+    "kernels.attention_varlen",
     "kernels.simcse_loss",
     "kernels.adamw",
 ]

@@ -20,6 +20,7 @@ configuration its launchers can choose) and ``io_cases()`` (``IOCase``: memory-t
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -236,3 +237,41 @@ def assert_case(case: OpCase, device: torch.device | str, dtype: torch.dtype, se
     if failed:
         lines = "\n  ".join(str(c) for c in failed)
         raise AssertionError(f"{len(failed)} of {len(results)} comparisons over budget:\n  {lines}")
+
+
+# ----------------------------------------------------------------------------- host reads
+_HOST_READS = ("item", "cpu", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+
+@contextlib.contextmanager
+def forbid_host_reads():
+    """Inside the block, every read of a tensor's value by the host raises ``AssertionError``:
+    ``Tensor.item``, ``.cpu()``, ``.tolist()``, ``.numpy()``, ``.to("cpu")``, ``bool(t)``,
+    ``int(t)``, ``float(t)`` and ``t.__index__`` (on CUDA each one waits for the device).
+
+    Run on CPU tensors, it shows that a code path would not synchronise on a GPU: tests wrap a
+    forward + backward in it (Triton's interpreter itself reads none of these).
+    """
+    originals = {name: getattr(torch.Tensor, name) for name in _HOST_READS}
+    original_to = torch.Tensor.to
+
+    def forbid(name):
+        def read(self, *args, **kwargs):
+            raise AssertionError(f"host read: Tensor.{name} on a {tuple(self.shape)} tensor")
+        return read
+
+    def to(self, *args, **kwargs):
+        targets = [*args, kwargs.get("device")]
+        if any(str(t) == "cpu" for t in targets if isinstance(t, (str, torch.device))):
+            raise AssertionError(f"host read: Tensor.to('cpu') on a {tuple(self.shape)} tensor")
+        return original_to(self, *args, **kwargs)
+
+    try:
+        for name in _HOST_READS:
+            setattr(torch.Tensor, name, forbid(name))
+        torch.Tensor.to = to
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(torch.Tensor, name, fn)
+        torch.Tensor.to = original_to
