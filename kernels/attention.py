@@ -46,8 +46,12 @@ all four mask / dropout variants. fp32 gets there by three measures (the note ab
 one accumulator for the three TF32 products, the head dim in ``D_CHUNK``-column chunks, and a
 second load of the tile a backward iteration uses first and last (k in dQ, q in dK); at D=128
 dK and dV also run as two launches (``GRADS``), because their two fp32 accumulators alone take
-128 registers a thread. The tightest fp32 kernels sit at 242-255 registers on sm_80 (dK/dV at
-every head dim, dQ at D=32 and 64); on sm_90 the fp32 kernels use at most 221.
+128 registers a thread. The tightest fp32 kernels sit at 240-255 registers on sm_80 (dK/dV at
+every head dim, dQ at D=32, 40 and 64); on sm_90 the fp32 kernels use at most 194 (2026-12).
+Loading the dropout seed from memory instead of a kernel argument (``_dropout_keep``) left most
+kernels within a few registers of the int-seed build; the exceptions are 16-bit dQ with mask and
+dropout on sm_80 (D=32: 128 -> 171, D=64: 183 -> 236) and 16-bit dQ with dropout at D=128 on
+sm_90 (168 -> 187).
 
 Dropout: element (b, h, i, j) of P is kept when a uniform draw >= p, the draw being
 Philox-4x32-10 of the counter (i * 2**16 + j, b * H + h, seed) under a constant key

@@ -169,11 +169,11 @@ def test_dropout_mask_same_in_forward_backward_and_padded_kernel():
 
 
 def test_dropout_kept_fraction():
-    cu = _cu((384, 200, 1))
+    cu = _cu((256, 130, 1))
     for p in (0.1, 0.5):
-        keep = V.attention_varlen_dropout_mask(cu, 2, 384, p, seed=3)
-        assert keep.shape == (3, 2, 384, 384)
-        kept = torch.cat([keep[0].flatten(), keep[1, :, :200, :200].flatten()])
+        keep = V.attention_varlen_dropout_mask(cu, 2, 256, p, seed=3)
+        assert keep.shape == (3, 2, 256, 256)
+        kept = torch.cat([keep[0].flatten(), keep[1, :, :130, :130].flatten()])
         assert abs(kept.float().mean().item() - (1 - p)) <= 0.01
 
 
@@ -237,7 +237,7 @@ def test_backward_bitwise_deterministic(lengths, D, dtype):
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(4)).to(DEVICE, dtype)
     out = V._attention_varlen_triton(q, k, v, _cu(lengths), max(lengths), dropout_p=0.1, seed=21)
     first = torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
-    for _ in range(5):
+    for _ in range(3):
         again = torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
         for a, b in zip(first, again):
             assert torch.equal(a, b)
