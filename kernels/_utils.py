@@ -26,7 +26,7 @@ def apply_dropout(x: torch.Tensor, p: float, mask: torch.Tensor | None, seed: in
 
 
 def dropout_seed(seed: "int | torch.Tensor | None", device: torch.device) -> torch.Tensor:
-    """The Philox key of one dropout call: an int64 tensor of shape (1,) on ``device`` that the
+    """The dropout seed of one call (the kernels feed it to Philox): an int64 tensor of shape (1,) on ``device`` that the
     kernels load (never a Python int: no host read, and a CUDA graph replays a fresh draw).
 
     None: drawn on ``device`` from torch's generator for that device (``torch.randint``), so
@@ -35,14 +35,21 @@ def dropout_seed(seed: "int | torch.Tensor | None", device: torch.device) -> tor
     """
     if seed is None:
         return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
+    check_seed(seed, device)
+    if isinstance(seed, torch.Tensor):
+        return seed.reshape(1)
+    return torch.tensor([seed], dtype=torch.int64, device=device)
+
+
+def check_seed(seed: "int | torch.Tensor", device: torch.device) -> None:
+    """Raise ``ValueError`` unless ``seed`` is an int in [0, 2**63) or one int64 on ``device``
+    (reads no tensor value)."""
     if isinstance(seed, torch.Tensor):
         if seed.numel() != 1 or seed.dtype != torch.int64 or seed.device != torch.device(device):
             raise ValueError(f"a seed tensor must hold one int64 on {device}, got {seed.dtype} "
                              f"{tuple(seed.shape)} on {seed.device}")
-        return seed.reshape(1)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+    elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
-    return torch.tensor([seed], dtype=torch.int64, device=device)
 
 
 # torch.library custom ops return tensors, never None: an output nobody asked for (a gradient

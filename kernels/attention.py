@@ -29,12 +29,16 @@ Plain "tf32" would break the fp32 error budget (2 x eager fp32's error, ``kernel
 ~100x, and "ieee" compiles to scalar FMAs (slower, and it spills at these tiles). The interpreter
 computes every TF32 product exactly (so only the dropped lo x lo term differs there).
 
-Sizes: head dim D in ``ATTENTION_HEAD_DIMS`` = (32, 64, 128); any length 1 <= L <= 65536 (the
-dropout offset packs query and key index in 16 bits each); any B and H. q, k, v, dO may be strided
+Sizes: any head dim 1 <= D <= 128, tiled as BLOCK_D = the next power of two >= max(16, D) (a
+``tl.dot`` needs 16 columns): the head dim runs in D_CHUNK-column chunks and only a chunk that
+runs past D masks its columns (``_chunk_mask``), so D = 16, 32, 64, 128 load whole rows as before
+and D = 40, 80, 96 pay the padding in the products (80 and 96 compute 128 columns); D > 128 is a
+``ValueError``. Any length 1 <= L <= 65536 (the dropout offset packs query and key index in 16
+bits each); any B and H. q, k, v, dO may be strided
 (the (B, L, H, D) -> (B, H, L, D) transpose minBERT makes is used in place); only the last
 dimension must be contiguous (other layouts are copied). The output and the gradients take the
 layout of their input (``empty_like``): in minBERT, O lands in (B, L, H, D) order, so the
-model's ``out.transpose(1, 2).reshape(B, L, -1)`` is a view. Block sizes per (D, dtype) are in
+model's ``out.transpose(1, 2).reshape(B, L, -1)`` is a view. Block sizes per (BLOCK_D, dtype) are in
 ``_CONFIGS`` (``compile_specs()``, ``python -m bench.compile --op attention``): on sm_90 every
 ``tl.dot`` becomes ``wgmma`` (num_warps a multiple of 4, the M side of each product 64 rows per
 warpgroup), and no kernel spills registers on sm_80 or sm_90, for every head dim and dtype and
@@ -42,15 +46,28 @@ all four mask / dropout variants. fp32 gets there by three measures (the note ab
 one accumulator for the three TF32 products, the head dim in ``D_CHUNK``-column chunks, and a
 second load of the tile a backward iteration uses first and last (k in dQ, q in dK); at D=128
 dK and dV also run as two launches (``GRADS``), because their two fp32 accumulators alone take
-128 registers a thread. The tightest fp32 kernels sit at 242-255 registers on sm_80 (dK/dV at
-every head dim, dQ at D=32 and 64); on sm_90 the fp32 kernels use at most 221.
+128 registers a thread. The tightest fp32 kernels sit at 240-255 registers on sm_80 (dK/dV at
+every head dim, dQ at D=32, 40 and 64); on sm_90 the fp32 kernels use at most 194 (2026-12).
+Loading the dropout seed from memory instead of a kernel argument (``_dropout_keep``) left most
+kernels within a few registers of the int-seed build; the exceptions are 16-bit dQ with mask and
+dropout on sm_80 (D=32: 128 -> 171, D=64: 183 -> 236) and 16-bit dQ with dropout at D=128 on
+sm_90 (168 -> 187).
 
-Dropout: element (b, h, i, j) of P is kept when ``tl.rand(seed, offset) >= p`` with
-``offset = (b * H + h) * 2**32 + i * 2**16 + j`` (Philox-4x32-10, key = seed): the mask depends
-on (seed, b, h, i, j) only, not on block sizes, the grid or L, so the backward regenerates it
-exactly. ``seed=None`` draws a fresh seed from torch's (CPU) RNG. It is not torch's dropout
-stream: tests get the mask from ``_attention_dropout_mask`` (same formula, a tiny kernel) and
-hand it to ``attention_ref(..., dropout_mask=...)``.
+Dropout: element (b, h, i, j) of P is kept when a uniform draw >= p, the draw being
+Philox-4x32-10 of the counter (i * 2**16 + j, b * H + h, seed) under a constant key
+(``_dropout_keep``; the seed in the counter, not the key, keeps the round keys out of
+registers): the mask depends on (seed, b, h, i, j) only, not on block sizes, the grid or L, so the backward regenerates it
+exactly. The seed is a (1,) int64 tensor on the device that the kernels load (SEED pointer;
+``kernels._utils.dropout_seed``): ``seed=None`` draws it there from torch's generator for that
+device, an int is copied there, a tensor is used as given; no launcher reads a tensor value back
+to the host, so a CUDA graph replays a fresh draw and ``torch.manual_seed`` reproduces runs. It is
+not torch's dropout stream: tests get the mask from ``_attention_dropout_mask`` (same formula, a
+tiny kernel) and hand it to ``attention_ref(..., dropout_mask=...)``.
+
+Variable-length sequences: the kernels also run on packed (T, H, D) tokens with ``cu_seqlens``
+(``VARLEN``), the layout of ``kernels.attention_varlen`` (kernels/attention_varlen.py holds its
+launchers and reference); i and j are then positions inside each sequence, so both layouts drop
+the same probabilities on real tokens.
 
 Known limits: self-attention only (q, k, v of one shape); no causal mask or attention bias.
 
@@ -69,10 +86,10 @@ import triton
 import triton.language as tl
 
 from ._backend import dispatch
-from ._utils import apply_dropout
+from ._utils import apply_dropout, check_seed, dropout_seed
 from .testing import CompileSpec, IOCase, OpCase
 
-ATTENTION_HEAD_DIMS = (32, 64, 128)
+ATTENTION_MAX_HEAD_DIM = 128  # any head dim 1..128 (tiled as BLOCK_D = next power of two >= 16)
 ATTENTION_MAX_LEN = 1 << 16  # dropout offsets hold the query and the key index in 16 bits each
 FP32_INPUT_PRECISION = "tf32x3"  # fp32 inputs: ~fp32-accurate products on the tensor cores
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -123,17 +140,85 @@ def attention_ref(
 
 
 # ----------------------------------------------------------------------------- shared device code
+# Philox-4x32-10 key of the dropout stream: a constant (the first two SHA-256 initial hash words),
+# so the ten round keys are immediates. The seed goes into the counter instead (below). A key
+# loaded from the SEED pointer would sit in ordinary registers with its ten derived round keys
+# (a kernel argument sits in the constant bank, the round keys in uniform registers): that cost
+# 20-85 registers per thread in the dropout kernels (bench.compile 2026-12: 16-bit dQ at D=32 on
+# sm_80 128 -> 172, at D=64 on sm_90 128 -> 168; fp32 dK at D=128 on sm_80 168 -> 252), where
+# the constant key keeps them at the registers of an int seed argument.
+_PHILOX_KEY0 = tl.constexpr(0x6A09E667)
+_PHILOX_KEY1 = tl.constexpr(0xBB67AE85)
+
+
 @triton.jit
 def _dropout_keep(seed, bh, q_idx, k_idx, dropout_p):
     """Bool tile, True where P[b, h, q_idx, k_idx] survives dropout; q_idx, k_idx broadcast.
 
-    ``tl.rand(seed, offset)`` with offset = bh * 2**32 + q_idx * 2**16 + k_idx (bh = b * H + h):
-    Philox counter (low word q_idx << 16 | k_idx, high word bh), key = seed. Independent of
-    block sizes and of L.
+    One Philox-4x32-10 block per element (its first word, as ``tl.rand`` uses it) for the
+    counter (q_idx << 16 | k_idx, bh = b * H + h, seed low word, seed high word) under the
+    constant key: distinct (seed, b, h, i, j) give distinct counters, so each element has its
+    own uniform draw. i, j are positions inside the sequence and the seed is the int64 the
+    kernels load from their SEED pointer: the mask is independent of block sizes, of L and of
+    the layout (padded or packed).
     """
-    lo = (q_idx.to(tl.uint32) << 16) | k_idx.to(tl.uint32)
-    offset = (bh.to(tl.uint64) << 32) | lo.to(tl.uint64)
-    return tl.rand(seed, offset) >= dropout_p
+    c0 = (q_idx.to(tl.uint32) << 16) | k_idx.to(tl.uint32)
+    zero = c0 * 0
+    r, _, _, _ = tl.philox_impl(c0, zero + bh.to(tl.uint32), zero + seed.to(tl.uint32),
+                                zero + (seed >> 32).to(tl.uint32), _PHILOX_KEY0, _PHILOX_KEY1)
+    return tl.uint_to_uniform_float(r) >= dropout_p
+
+
+@triton.jit
+def _program_tile(CU_SEQLENS, H, L, BLOCK: tl.constexpr, VARLEN: tl.constexpr):
+    """Where program ``tl.program_id(0)`` of a 1-D grid of ``cdiv(L, BLOCK) * B * H`` works.
+
+    Returns (b, h, bh = b * H + h, start, seq_start, seq_len): the program owns rows
+    [start, start + BLOCK) (positions inside the sequence) of sequence b, head h. The tiles of one
+    head are neighbours, so its K and V stay in L2, and no grid dimension meets the 65535 limit.
+    Padded: every sequence has length L and is found through the batch stride (seq_start 0).
+    VARLEN: L is the longest length, sequence b is rows [cu[b], cu[b + 1]) of the packed tensors;
+    a tile with start >= seq_len lies past the end of a shorter sequence and has nothing to do.
+    """
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(L, BLOCK)
+    start = (pid % n_tiles) * BLOCK
+    bh = (pid // n_tiles).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    if VARLEN:
+        first = tl.load(CU_SEQLENS + b)
+        seq_len = tl.load(CU_SEQLENS + b + 1) - first
+        seq_start = first.to(tl.int64)
+    else:
+        seq_start = b * 0
+        seq_len = L
+    return b, h, bh, start, seq_start, seq_len
+
+
+@triton.jit
+def _base(b, h, seq_start, stride_b, stride_h, stride_l):
+    """Element offset (int64) of row 0 of sequence b, head h: padded, b * stride_b + h * stride_h;
+    packed (stride_b = 0), seq_start * stride_l + h * stride_h."""
+    return b * stride_b + h * stride_h + seq_start * stride_l
+
+
+@triton.jit
+def _chunk_mask(rows_ok, c: tl.constexpr, D_CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                COLS_FIRST: tl.constexpr):
+    """Load/store mask of head-dim chunk ``c`` (columns [c * D_CHUNK, (c + 1) * D_CHUNK)) of a tile
+    whose row mask is ``rows_ok`` (already 2-D). Only the chunk that runs past HEAD_DIM (a head dim
+    that is not a multiple of D_CHUNK: BLOCK_D padding) adds a column mask; whole chunks keep the
+    row mask alone, so their loads stay as vectorised as before. COLS_FIRST: a transposed tile
+    (D_CHUNK, rows)."""
+    mask = rows_ok
+    if (c + 1) * D_CHUNK > HEAD_DIM:
+        cols = c * D_CHUNK + tl.arange(0, D_CHUNK) < HEAD_DIM
+        if COLS_FIRST:
+            mask = mask & cols[:, None]
+        else:
+            mask = mask & cols[None, :]
+    return mask
 
 
 # fp32 products and registers. tf32x3 splits each fp32 operand into a TF32 high part and a
@@ -144,7 +229,7 @@ def _dropout_keep(seed, bh, q_idx, k_idx, dropout_p):
 #      sums the two small products in a second accumulator that, on sm_90, is converted between
 #      wgmma layouts every iteration (fp32 forward at D=64 on sm_80: 228 -> 199 registers).
 #   2. The kernels take the head dim in D_CHUNK-column chunks (tuples of tiles; 16-bit inputs use
-#      one chunk, D_CHUNK = HEAD_DIM), so the split halves of one product are D_CHUNK wide (fp32
+#      one chunk, D_CHUNK = BLOCK_D), so the split halves of one product are D_CHUNK wide (fp32
 #      forward at D=64: 199 -> 158 registers on sm_80, 154 -> 102 on sm_90).
 #   3. A tile used by the first and the last product of a loop iteration (k^T in dQ: S and dQ;
 #      q^T in dK/dV: S^T and dK) is loaded a second time, in the other orientation, for the last
@@ -192,60 +277,74 @@ def _last_operand(ptrs, mask, tile_t, INPUT_PRECISION: tl.constexpr):
     return tile
 
 
+# Every kernel below serves both layouts. Padded (VARLEN=False): q, k, v, o and their gradients
+# are (B, H, L, D) strided, LSE and delta (B, H, L). Packed (VARLEN=True, ``kernels.
+# attention_varlen``): (T, H, D) tensors passed with stride_b = 0 and stride_l = the token stride,
+# LSE and delta (H, T), sequence b is rows [cu[b], cu[b + 1]) (``_program_tile``), L is the
+# longest length (it sizes the grid), HAS_MASK is off (keys past a sequence's end are out of its
+# range). The head dim runs in N_CHUNKS = cdiv(HEAD_DIM, D_CHUNK) column chunks (tuples of
+# tiles), the last one masked when D_CHUNK does not divide HEAD_DIM (``_chunk_mask``).
 @triton.jit
 def _attention_fwd_kernel(
-    Q,  # (B, H, L, D) queries, strided, last dim contiguous; its dtype is the I/O dtype
-    K,  # (B, H, L, D) keys
-    V,  # (B, H, L, D) values
+    Q,  # (B, H, L, D) queries, strided, last dim contiguous (packed: (T, H, D)); the I/O dtype
+    K,  # keys, like Q
+    V,  # values, like Q
     MASK,  # (B, L) uint8 key keep-mask, 1 = real token (read when HAS_MASK)
-    O,  # (B, H, L, D) output, q's dtype, strided
-    LSE,  # (B, H, L) fp32 contiguous: natural-log log-sum-exp of each row's scaled scores
+    CU_SEQLENS,  # (B + 1,) int32 cumulative sequence lengths (read when VARLEN)
+    SEED,  # (1,) int64 dropout seed (read when HAS_DROPOUT)
+    O,  # output like Q, q's dtype, strided
+    LSE,  # fp32 natural-log log-sum-exp of each row's scaled scores: (B, H, L) or (H, T)
     stride_qb, stride_qh, stride_ql,
     stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl,
     stride_ob, stride_oh, stride_ol,
     stride_mb,
-    H, L, qk_scale, dropout_p, dropout_scale, seed,  # qk_scale = softmax_scale * log2(e)
+    stride_lb, stride_lh,  # LSE: (H * L, L) padded, (0, T) packed
+    H, L, qk_scale, dropout_p, dropout_scale,  # qk_scale = softmax_scale * log2(e)
     HEAD_DIM: tl.constexpr, D_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
-    # 1-D grid of cdiv(L, BLOCK_M) * B * H programs (no 65535 limit on B * H); program
-    # (bh, m) owns query rows [m * BLOCK_M, (m + 1) * BLOCK_M); the query tiles of one head are
-    # neighbours, so its K and V stay in L2. The head dim is processed in HEAD_DIM // D_CHUNK
-    # column chunks (a tuple of tiles each for q and the accumulator; one chunk = whole rows).
-    pid = tl.program_id(0)
-    n_tiles = tl.cdiv(L, BLOCK_M)
-    start_m = (pid % n_tiles) * BLOCK_M
-    bh = (pid // n_tiles).to(tl.int64)
-    b = bh // H
-    h = bh % H
+    # program (bh, m) owns query rows [m * BLOCK_M, (m + 1) * BLOCK_M) of one sequence and head
+    N_CHUNKS: tl.constexpr = (HEAD_DIM + D_CHUNK - 1) // D_CHUNK
+    b, h, bh, start_m, seq_start, seq_len = _program_tile(CU_SEQLENS, H, L, BLOCK_M, VARLEN)
+    if VARLEN:
+        if start_m >= seq_len:  # past the end of a shorter sequence
+            return
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_CHUNK)
-    m_valid = offs_m < L
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :]
-    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kl + offs_d[:, None]  # K^T
-    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vl + offs_d[None, :]
+    m_valid = offs_m < seq_len
+    q_ptrs = Q + _base(b, h, seq_start, stride_qb, stride_qh, stride_ql) \
+        + offs_m[:, None] * stride_ql + offs_d[None, :]
+    k_ptrs = K + _base(b, h, seq_start, stride_kb, stride_kh, stride_kl) \
+        + offs_n[None, :] * stride_kl + offs_d[:, None]  # K^T
+    v_ptrs = V + _base(b, h, seq_start, stride_vb, stride_vh, stride_vl) \
+        + offs_n[:, None] * stride_vl + offs_d[None, :]
     q = ()
     acc = ()
-    for c in tl.static_range(HEAD_DIM // D_CHUNK):
+    for c in tl.static_range(N_CHUNKS):
         # (BLOCK_M, D_CHUNK)
-        q += (tl.load(q_ptrs + c * D_CHUNK, mask=m_valid[:, None], other=0.0),)
+        q += (tl.load(q_ptrs + c * D_CHUNK, mask=_chunk_mask(m_valid[:, None], c, D_CHUNK, HEAD_DIM,
+                                                            False), other=0.0),)
         acc += (tl.zeros([BLOCK_M, D_CHUNK], dtype=tl.float32),)
     # running max (log2 units) starts finite: a row whose keys are all masked keeps m = -1e30,
     # p = exp2(-inf) = 0 and alpha = 1, never inf - inf
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for start_n in range(0, L, BLOCK_N):
+    for start_n in range(0, seq_len, BLOCK_N):
         kn = start_n + offs_n
-        n_valid = kn < L
+        n_valid = kn < seq_len
         if HAS_MASK:
             keep_key = tl.load(MASK + b * stride_mb + kn, mask=n_valid, other=0) != 0
         else:
             keep_key = n_valid
         s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for c in tl.static_range(HEAD_DIM // D_CHUNK):
-            k = tl.load(k_ptrs + start_n * stride_kl + c * D_CHUNK, mask=n_valid[None, :],
+        for c in tl.static_range(N_CHUNKS):
+            k = tl.load(k_ptrs + start_n * stride_kl + c * D_CHUNK,
+                        mask=_chunk_mask(n_valid[None, :], c, D_CHUNK, HEAD_DIM, True),
                         other=0.0)  # (D_CHUNK, BLOCK_N)
             s = _mma(q[c], k, s, INPUT_PRECISION)
         s = s * qk_scale  # (BLOCK_M, BLOCK_N)
@@ -255,27 +354,30 @@ def _attention_fwd_kernel(
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax denominator: before dropout
         scaled = ()
-        for c in tl.static_range(HEAD_DIM // D_CHUNK):
+        for c in tl.static_range(N_CHUNKS):
             scaled += (acc[c] * alpha[:, None],)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m[:, None], kn[None, :], dropout_p)
             p = tl.where(keep, p, 0.0)
         acc = ()
-        for c in tl.static_range(HEAD_DIM // D_CHUNK):
-            v = tl.load(v_ptrs + start_n * stride_vl + c * D_CHUNK, mask=n_valid[:, None],
+        for c in tl.static_range(N_CHUNKS):
+            v = tl.load(v_ptrs + start_n * stride_vl + c * D_CHUNK,
+                        mask=_chunk_mask(n_valid[:, None], c, D_CHUNK, HEAD_DIM, False),
                         other=0.0)  # (BLOCK_N, D_CHUNK)
             acc += (_mma(p.to(v.dtype), v, scaled[c], INPUT_PRECISION),)
         m_i = m_new
     empty = l_i == 0.0  # every key of the row is padding
     out = ()
-    for c in tl.static_range(HEAD_DIM // D_CHUNK):  # acc = 0 on empty rows: zeros
+    for c in tl.static_range(N_CHUNKS):  # acc = 0 on empty rows: zeros
         out += (acc[c] * (dropout_scale / tl.where(empty, 1.0, l_i))[:, None],)
     lse = tl.where(empty, float("inf"),
                    (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)  # ln 2
-    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :]
-    for c in tl.static_range(HEAD_DIM // D_CHUNK):
-        tl.store(o_ptrs + c * D_CHUNK, out[c].to(O.dtype.element_ty), mask=m_valid[:, None])
-    tl.store(LSE + bh * L + offs_m, lse, mask=m_valid)
+    o_ptrs = O + _base(b, h, seq_start, stride_ob, stride_oh, stride_ol) \
+        + offs_m[:, None] * stride_ol + offs_d[None, :]
+    for c in tl.static_range(N_CHUNKS):
+        tl.store(o_ptrs + c * D_CHUNK, out[c].to(O.dtype.element_ty),
+                 mask=_chunk_mask(m_valid[:, None], c, D_CHUNK, HEAD_DIM, False))
+    tl.store(LSE + _base(b, h, seq_start, stride_lb, stride_lh, 1) + offs_m, lse, mask=m_valid)
 
 
 # Backward math, per (batch, head); S = scale * Q K^T, P = softmax(S) over unpadded keys,
@@ -289,13 +391,13 @@ def _attention_fwd_kernel(
 # contributions to dK and dV are exactly 0. Queries past L load LSE = +inf: also P = 0.
 @triton.jit
 def _attention_bwd_preprocess_kernel(
-    O,  # (B, H, L, D) forward output, strided
+    O,  # (B, H, L, D) forward output, strided (packed: (T, H, D) seen as B = 1, L = T)
     DO,  # (B, H, L, D) upstream gradient, strided
-    DELTA,  # (B, H, L) fp32 contiguous: rowsum(dO * O)
+    DELTA,  # (B, H, L) fp32 contiguous: rowsum(dO * O) (packed: (H, T))
     stride_ob, stride_oh, stride_ol,
     stride_dob, stride_doh, stride_dol,
     H, L,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     pid = tl.program_id(0)  # 1-D grid over (bh, row tile), as in the forward
     n_tiles = tl.cdiv(L, BLOCK_M)
@@ -304,26 +406,28 @@ def _attention_bwd_preprocess_kernel(
     b = bh // H
     h = bh % H
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    m_valid = offs_m < L
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = _chunk_mask((offs_m < L)[:, None], 0, BLOCK_D, HEAD_DIM, False)
     o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :],
-                mask=m_valid[:, None], other=0.0).to(tl.float32)
+                mask=mask, other=0.0).to(tl.float32)
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dol + offs_d[None, :],
-                 mask=m_valid[:, None], other=0.0).to(tl.float32)
-    tl.store(DELTA + bh * L + offs_m, tl.sum(o * do, axis=1), mask=m_valid)
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + bh * L + offs_m, tl.sum(o * do, axis=1), mask=offs_m < L)
 
 
 @triton.jit
 def _attention_bwd_dkdv_kernel(
-    Q,  # (B, H, L, D) queries, strided
-    K,  # (B, H, L, D) keys
-    V,  # (B, H, L, D) values
+    Q,  # (B, H, L, D) queries, strided (packed: (T, H, D))
+    K,  # keys, like Q
+    V,  # values, like Q
     MASK,  # (B, L) uint8 key keep-mask (read when HAS_MASK)
-    DO,  # (B, H, L, D) upstream gradient of O
-    LSE,  # (B, H, L) fp32 from the forward
-    DELTA,  # (B, H, L) fp32 rowsum(dO * O)
-    DK,  # (B, H, L, D) gradient of k, k's dtype, strided
-    DV,  # (B, H, L, D) gradient of v
+    CU_SEQLENS,  # (B + 1,) int32 cumulative sequence lengths (read when VARLEN)
+    SEED,  # (1,) int64 dropout seed (read when HAS_DROPOUT)
+    DO,  # upstream gradient of O, like Q
+    LSE,  # (B, H, L) or (H, T) fp32 from the forward
+    DELTA,  # like LSE: fp32 rowsum(dO * O)
+    DK,  # gradient of k, k's dtype, strided like Q
+    DV,  # gradient of v
     stride_qb, stride_qh, stride_ql,
     stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl,
@@ -331,64 +435,75 @@ def _attention_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkl,
     stride_dvb, stride_dvh, stride_dvl,
     stride_mb,
-    H, L, qk_scale, sm_scale, dropout_p, dropout_scale, seed,
+    stride_lb, stride_lh,  # LSE and DELTA
+    H, L, qk_scale, sm_scale, dropout_p, dropout_scale,
     HEAD_DIM: tl.constexpr, D_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr,
     GRADS: tl.constexpr,  # "dkdv": both; "dk" or "dv": one of them (one accumulator)
 ):
-    # 1-D grid of cdiv(L, BLOCK_N) * B * H programs: program (bh, n) owns keys
-    # [n * BLOCK_N, (n + 1) * BLOCK_N) and loops over all query blocks. Tiles are transposed
-    # (keys x queries) so that the key block is the M side of every product (the 64-row wgmma
-    # tile on sm_90). k, v, dK, dV, q and dO are tuples of HEAD_DIM // D_CHUNK column chunks.
-    pid = tl.program_id(0)
-    n_tiles = tl.cdiv(L, BLOCK_N)
-    start_n = (pid % n_tiles) * BLOCK_N
-    bh = (pid // n_tiles).to(tl.int64)
-    b = bh // H
-    h = bh % H
+    # program (bh, n) owns keys [n * BLOCK_N, (n + 1) * BLOCK_N) of one sequence and head and
+    # loops over all its query blocks. Tiles are transposed (keys x queries) so that the key block
+    # is the M side of every product (the 64-row wgmma tile on sm_90). k, v, dK, dV, q and dO are
+    # tuples of N_CHUNKS column chunks.
+    N_CHUNKS: tl.constexpr = (HEAD_DIM + D_CHUNK - 1) // D_CHUNK
+    b, h, bh, start_n, seq_start, seq_len = _program_tile(CU_SEQLENS, H, L, BLOCK_N, VARLEN)
+    if VARLEN:
+        if start_n >= seq_len:  # past the end of a shorter sequence
+            return
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_CHUNK)
-    n_valid = offs_n < L
+    n_valid = offs_n < seq_len
     if HAS_MASK:
         keep_key = tl.load(MASK + b * stride_mb + offs_n, mask=n_valid, other=0) != 0
     else:
         keep_key = n_valid
-    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kl + offs_d[None, :]
-    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vl + offs_d[None, :]
+    k_ptrs = K + _base(b, h, seq_start, stride_kb, stride_kh, stride_kl) \
+        + offs_n[:, None] * stride_kl + offs_d[None, :]
+    v_ptrs = V + _base(b, h, seq_start, stride_vb, stride_vh, stride_vl) \
+        + offs_n[:, None] * stride_vl + offs_d[None, :]
     k = ()
     v = ()
     dk = ()
     dv = ()
-    for c in tl.static_range(HEAD_DIM // D_CHUNK):
+    for c in tl.static_range(N_CHUNKS):
         # (BLOCK_N, D_CHUNK)
-        k += (tl.load(k_ptrs + c * D_CHUNK, mask=n_valid[:, None], other=0.0),)
+        kv_mask = _chunk_mask(n_valid[:, None], c, D_CHUNK, HEAD_DIM, False)
+        k += (tl.load(k_ptrs + c * D_CHUNK, mask=kv_mask, other=0.0),)
         if GRADS != "dv":
-            v += (tl.load(v_ptrs + c * D_CHUNK, mask=n_valid[:, None], other=0.0),)
+            v += (tl.load(v_ptrs + c * D_CHUNK, mask=kv_mask, other=0.0),)
         dk += (tl.zeros([BLOCK_N, D_CHUNK], dtype=tl.float32),)
         dv += (tl.zeros([BLOCK_N, D_CHUNK], dtype=tl.float32),)
-    qT_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[None, :] * stride_ql + offs_d[:, None]
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :]
-    do_ptrs = DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dol + offs_d[None, :]
+    q_base = Q + _base(b, h, seq_start, stride_qb, stride_qh, stride_ql)
+    qT_ptrs = q_base + offs_m[None, :] * stride_ql + offs_d[:, None]
+    q_ptrs = q_base + offs_m[:, None] * stride_ql + offs_d[None, :]
+    do_ptrs = DO + _base(b, h, seq_start, stride_dob, stride_doh, stride_dol) \
+        + offs_m[:, None] * stride_dol + offs_d[None, :]
+    row_base = _base(b, h, seq_start, stride_lb, stride_lh, 1)
     # a block of padding keys has dK = dV = 0: skip the loop
-    hi = tl.where(tl.sum(keep_key.to(tl.int32), 0) > 0, L, 0)
+    hi = tl.where(tl.sum(keep_key.to(tl.int32), 0) > 0, seq_len, 0)
     for start_m in range(0, hi, BLOCK_M):
         qm = start_m + offs_m
-        m_valid = qm < L
+        m_valid = qm < seq_len
         qT = ()
         sT = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        for c in tl.static_range(HEAD_DIM // D_CHUNK):
-            qT += (tl.load(qT_ptrs + start_m * stride_ql + c * D_CHUNK, mask=m_valid[None, :],
+        for c in tl.static_range(N_CHUNKS):
+            qT += (tl.load(qT_ptrs + start_m * stride_ql + c * D_CHUNK,
+                           mask=_chunk_mask(m_valid[None, :], c, D_CHUNK, HEAD_DIM, True),
                            other=0.0),)  # (D_CHUNK, BLOCK_M)
-        lse = tl.load(LSE + bh * L + qm, mask=m_valid, other=float("inf")) * 1.4426950408889634
-        for c in tl.static_range(HEAD_DIM // D_CHUNK):
+        lse = tl.load(LSE + row_base + qm, mask=m_valid, other=float("inf")) * 1.4426950408889634
+        for c in tl.static_range(N_CHUNKS):
             sT = _mma(k[c], qT[c], sT, INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
         pT = tl.math.exp2(tl.fma(sT, qk_scale, -lse[None, :]))  # log2 units, one rounding
         pT = tl.where(keep_key[:, None], pT, 0.0)
         do = ()
         dpT = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        for c in tl.static_range(HEAD_DIM // D_CHUNK):
-            do += (tl.load(do_ptrs + start_m * stride_dol + c * D_CHUNK, mask=m_valid[:, None],
+        for c in tl.static_range(N_CHUNKS):
+            do += (tl.load(do_ptrs + start_m * stride_dol + c * D_CHUNK,
+                           mask=_chunk_mask(m_valid[:, None], c, D_CHUNK, HEAD_DIM, False),
                            other=0.0),)  # (BLOCK_M, D_CHUNK)
             if GRADS != "dv":
                 dpT = _mma(v[c], tl.trans(do[c]), dpT, INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
@@ -400,128 +515,143 @@ def _attention_bwd_dkdv_kernel(
             pdT = pT
         if GRADS != "dk":
             new_dv = ()
-            for c in tl.static_range(HEAD_DIM // D_CHUNK):
+            for c in tl.static_range(N_CHUNKS):
                 new_dv += (_mma(pdT.to(do[c].dtype), do[c], dv[c], INPUT_PRECISION),)
             dv = new_dv
         if GRADS != "dv":
-            delta = tl.load(DELTA + bh * L + qm, mask=m_valid, other=0.0)
+            delta = tl.load(DELTA + row_base + qm, mask=m_valid, other=0.0)
             dsT = pT * (dpT - delta[None, :])
             new_dk = ()
-            for c in tl.static_range(HEAD_DIM // D_CHUNK):
-                q = _last_operand(q_ptrs + start_m * stride_ql + c * D_CHUNK, m_valid[:, None],
+            for c in tl.static_range(N_CHUNKS):
+                q = _last_operand(q_ptrs + start_m * stride_ql + c * D_CHUNK,
+                                  _chunk_mask(m_valid[:, None], c, D_CHUNK, HEAD_DIM, False),
                                   qT[c], INPUT_PRECISION)  # (BLOCK_M, D_CHUNK)
                 new_dk += (_mma(dsT.to(q.dtype), q, dk[c], INPUT_PRECISION),)
             dk = new_dk
-    dk_ptrs = DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkl + offs_d[None, :]
-    dv_ptrs = DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvl + offs_d[None, :]
-    for c in tl.static_range(HEAD_DIM // D_CHUNK):
+    dk_ptrs = DK + _base(b, h, seq_start, stride_dkb, stride_dkh, stride_dkl) \
+        + offs_n[:, None] * stride_dkl + offs_d[None, :]
+    dv_ptrs = DV + _base(b, h, seq_start, stride_dvb, stride_dvh, stride_dvl) \
+        + offs_n[:, None] * stride_dvl + offs_d[None, :]
+    for c in tl.static_range(N_CHUNKS):
+        kv_mask = _chunk_mask(n_valid[:, None], c, D_CHUNK, HEAD_DIM, False)
         if GRADS != "dv":
-            tl.store(dk_ptrs + c * D_CHUNK, (dk[c] * sm_scale).to(DK.dtype.element_ty),
-                     mask=n_valid[:, None])
+            tl.store(dk_ptrs + c * D_CHUNK, (dk[c] * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
         if GRADS != "dk":
-            tl.store(dv_ptrs + c * D_CHUNK, dv[c].to(DV.dtype.element_ty), mask=n_valid[:, None])
+            tl.store(dv_ptrs + c * D_CHUNK, dv[c].to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
 def _attention_bwd_dq_kernel(
-    Q,  # (B, H, L, D) queries, strided
-    K,  # (B, H, L, D) keys
-    V,  # (B, H, L, D) values
+    Q,  # (B, H, L, D) queries, strided (packed: (T, H, D))
+    K,  # keys, like Q
+    V,  # values, like Q
     MASK,  # (B, L) uint8 key keep-mask (read when HAS_MASK)
-    DO,  # (B, H, L, D) upstream gradient of O
-    LSE,  # (B, H, L) fp32 from the forward
-    DELTA,  # (B, H, L) fp32 rowsum(dO * O)
-    DQ,  # (B, H, L, D) gradient of q, q's dtype, strided
+    CU_SEQLENS,  # (B + 1,) int32 cumulative sequence lengths (read when VARLEN)
+    SEED,  # (1,) int64 dropout seed (read when HAS_DROPOUT)
+    DO,  # upstream gradient of O, like Q
+    LSE,  # (B, H, L) or (H, T) fp32 from the forward
+    DELTA,  # like LSE: fp32 rowsum(dO * O)
+    DQ,  # gradient of q, q's dtype, strided like Q
     stride_qb, stride_qh, stride_ql,
     stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl,
     stride_dob, stride_doh, stride_dol,
     stride_dqb, stride_dqh, stride_dql,
     stride_mb,
-    H, L, qk_scale, sm_scale, dropout_p, dropout_scale, seed,
+    stride_lb, stride_lh,  # LSE and DELTA
+    H, L, qk_scale, sm_scale, dropout_p, dropout_scale,
     HEAD_DIM: tl.constexpr, D_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
-    # 1-D grid of cdiv(L, BLOCK_M) * B * H programs: program (bh, m) owns query rows
-    # [m * BLOCK_M, (m + 1) * BLOCK_M) and loops over all key blocks; q, dO, dQ, k and v are
-    # tuples of HEAD_DIM // D_CHUNK column chunks
-    pid = tl.program_id(0)
-    n_tiles = tl.cdiv(L, BLOCK_M)
-    start_m = (pid % n_tiles) * BLOCK_M
-    bh = (pid // n_tiles).to(tl.int64)
-    b = bh // H
-    h = bh % H
+    # program (bh, m) owns query rows [m * BLOCK_M, (m + 1) * BLOCK_M) of one sequence and head and
+    # loops over all its key blocks; q, dO, dQ, k and v are tuples of N_CHUNKS column chunks
+    N_CHUNKS: tl.constexpr = (HEAD_DIM + D_CHUNK - 1) // D_CHUNK
+    b, h, bh, start_m, seq_start, seq_len = _program_tile(CU_SEQLENS, H, L, BLOCK_M, VARLEN)
+    if VARLEN:
+        if start_m >= seq_len:  # past the end of a shorter sequence
+            return
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_CHUNK)
-    m_valid = offs_m < L
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :]
-    do_ptrs = DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dol + offs_d[None, :]
+    m_valid = offs_m < seq_len
+    q_ptrs = Q + _base(b, h, seq_start, stride_qb, stride_qh, stride_ql) \
+        + offs_m[:, None] * stride_ql + offs_d[None, :]
+    do_ptrs = DO + _base(b, h, seq_start, stride_dob, stride_doh, stride_dol) \
+        + offs_m[:, None] * stride_dol + offs_d[None, :]
     q = ()
     do = ()
     dq = ()
-    for c in tl.static_range(HEAD_DIM // D_CHUNK):
+    for c in tl.static_range(N_CHUNKS):
         # (BLOCK_M, D_CHUNK)
-        q += (tl.load(q_ptrs + c * D_CHUNK, mask=m_valid[:, None], other=0.0),)
-        do += (tl.load(do_ptrs + c * D_CHUNK, mask=m_valid[:, None], other=0.0),)
+        row_mask = _chunk_mask(m_valid[:, None], c, D_CHUNK, HEAD_DIM, False)
+        q += (tl.load(q_ptrs + c * D_CHUNK, mask=row_mask, other=0.0),)
+        do += (tl.load(do_ptrs + c * D_CHUNK, mask=row_mask, other=0.0),)
         dq += (tl.zeros([BLOCK_M, D_CHUNK], dtype=tl.float32),)
-    lse = tl.load(LSE + bh * L + offs_m, mask=m_valid, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(DELTA + bh * L + offs_m, mask=m_valid, other=0.0)
-    kT_ptrs = K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kl + offs_d[:, None]
-    vT_ptrs = V + b * stride_vb + h * stride_vh + offs_n[None, :] * stride_vl + offs_d[:, None]
-    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kl + offs_d[None, :]
-    for start_n in range(0, L, BLOCK_N):
+    row_base = _base(b, h, seq_start, stride_lb, stride_lh, 1)
+    lse = tl.load(LSE + row_base + offs_m, mask=m_valid, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + row_base + offs_m, mask=m_valid, other=0.0)
+    k_base = K + _base(b, h, seq_start, stride_kb, stride_kh, stride_kl)
+    kT_ptrs = k_base + offs_n[None, :] * stride_kl + offs_d[:, None]
+    k_ptrs = k_base + offs_n[:, None] * stride_kl + offs_d[None, :]
+    vT_ptrs = V + _base(b, h, seq_start, stride_vb, stride_vh, stride_vl) \
+        + offs_n[None, :] * stride_vl + offs_d[:, None]
+    for start_n in range(0, seq_len, BLOCK_N):
         kn = start_n + offs_n
-        n_valid = kn < L
+        n_valid = kn < seq_len
         if HAS_MASK:
             keep_key = tl.load(MASK + b * stride_mb + kn, mask=n_valid, other=0) != 0
         else:
             keep_key = n_valid
         kT = ()
         vT = ()
-        for c in tl.static_range(HEAD_DIM // D_CHUNK):
-            kT += (tl.load(kT_ptrs + start_n * stride_kl + c * D_CHUNK, mask=n_valid[None, :],
+        for c in tl.static_range(N_CHUNKS):
+            col_mask = _chunk_mask(n_valid[None, :], c, D_CHUNK, HEAD_DIM, True)
+            kT += (tl.load(kT_ptrs + start_n * stride_kl + c * D_CHUNK, mask=col_mask,
                            other=0.0),)  # (D_CHUNK, BLOCK_N)
-            vT += (tl.load(vT_ptrs + start_n * stride_vl + c * D_CHUNK, mask=n_valid[None, :],
-                           other=0.0),)
+            vT += (tl.load(vT_ptrs + start_n * stride_vl + c * D_CHUNK, mask=col_mask, other=0.0),)
         s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for c in tl.static_range(HEAD_DIM // D_CHUNK):
+        for c in tl.static_range(N_CHUNKS):
             s = _mma(q[c], kT[c], s, INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
         p = tl.math.exp2(tl.fma(s, qk_scale, -lse[:, None]))  # log2 units, one rounding
         p = tl.where(keep_key[None, :], p, 0.0)
         dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for c in tl.static_range(HEAD_DIM // D_CHUNK):
+        for c in tl.static_range(N_CHUNKS):
             dp = _mma(do[c], vT[c], dp, INPUT_PRECISION)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m[:, None], kn[None, :], dropout_p)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
         new_dq = ()
-        for c in tl.static_range(HEAD_DIM // D_CHUNK):
-            k = _last_operand(k_ptrs + start_n * stride_kl + c * D_CHUNK, n_valid[:, None], kT[c],
+        for c in tl.static_range(N_CHUNKS):
+            k = _last_operand(k_ptrs + start_n * stride_kl + c * D_CHUNK,
+                              _chunk_mask(n_valid[:, None], c, D_CHUNK, HEAD_DIM, False), kT[c],
                               INPUT_PRECISION)  # (BLOCK_N, D_CHUNK)
             new_dq += (_mma(ds.to(k.dtype), k, dq[c], INPUT_PRECISION),)
         dq = new_dq
-    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dql + offs_d[None, :]
-    for c in tl.static_range(HEAD_DIM // D_CHUNK):
+    dq_ptrs = DQ + _base(b, h, seq_start, stride_dqb, stride_dqh, stride_dql) \
+        + offs_m[:, None] * stride_dql + offs_d[None, :]
+    for c in tl.static_range(N_CHUNKS):
         tl.store(dq_ptrs + c * D_CHUNK, (dq[c] * sm_scale).to(DQ.dtype.element_ty),
-                 mask=m_valid[:, None])
+                 mask=_chunk_mask(m_valid[:, None], c, D_CHUNK, HEAD_DIM, False))
 
 
 @triton.jit
 def _attention_dropout_mask_kernel(
     KEEP,  # (B * H, L, L) int8 keep-mask, 1 = kept (viewed as bool by the launcher)
-    L, dropout_p, seed,
+    SEED,  # (1,) int64 dropout seed
+    L, dropout_p,
     BLOCK: tl.constexpr,
 ):
     # debug path: grid (cdiv(L, BLOCK), cdiv(L, BLOCK), B * H), the kernels' _dropout_keep
     offs_m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     offs_n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     bh = tl.program_id(2).to(tl.int64)
-    keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], dropout_p)
+    keep = _dropout_keep(tl.load(SEED), bh, offs_m[:, None], offs_n[None, :], dropout_p)
     tl.store(KEEP + bh * L * L + offs_m[:, None] * L + offs_n[None, :], keep.to(tl.int8),
              mask=(offs_m[:, None] < L) & (offs_n[None, :] < L))
-
 
 # ----------------------------------------------------------------------------- launch configuration
 @dataclass(frozen=True)
@@ -532,10 +662,12 @@ class _Tile:
     block_n: int  # keys per tile
     num_warps: int
     num_stages: int
-    d_chunk: int | None = None  # head-dim columns per chunk (D_CHUNK); None: the whole head
+    d_chunk: int | None = None  # head-dim columns per chunk (D_CHUNK); None: the whole BLOCK_D
 
     def chunk(self, head_dim: int) -> int:
-        return head_dim if self.d_chunk is None else min(self.d_chunk, head_dim)
+        """D_CHUNK for ``head_dim``: the padded head (``block_d``), or d_chunk columns when smaller."""
+        bd = block_d(head_dim)
+        return bd if self.d_chunk is None else min(self.d_chunk, bd)
 
 
 @dataclass(frozen=True)
@@ -550,7 +682,7 @@ class _AttentionConfig:
         return ("dk", "dv") if self.split_dkdv else ("dkdv",)
 
 
-# (head dim, "16" for fp16/bf16 or "32" for fp32) -> tiles, chosen with bench.compile over all
+# (BLOCK_D, "16" for fp16/bf16 or "32" for fp32) -> tiles, chosen with bench.compile over all
 # four switch settings (2026-11, Triton 3.9): no spills on sm_80 / sm_90, shared memory within
 # both, wgmma on sm_90 (num_warps a multiple of 4 and the products' M side, BLOCK_M in the
 # forward and dQ and BLOCK_N in dK/dV, 64 rows per warpgroup). Larger tiles spill (e.g. 16-bit dQ
@@ -559,10 +691,14 @@ class _AttentionConfig:
 # (255 registers with dropout on sm_80 at D=64, 76 B of spills with d_chunk 64), 32 elsewhere;
 # D=128 keeps the M side at 64 rows on 4 warps (a 128-row dQ tile needs 268 KB of shared memory)
 # and splits dK/dV (one launch holding both spilled 168-588 B on sm_80 at every tile tried).
+# BLOCK_D = 16 (head dims 1-16) takes the D = 32 tiles, but for fp32 dQ at 64 x 16 (64 x 32
+# spilled 8 B on sm_80).
 _CONFIGS: dict[tuple[int, str], _AttentionConfig] = {
+    (16, "16"): _AttentionConfig(_Tile(128, 64, 8, 3), _Tile(64, 128, 8, 2), _Tile(128, 32, 8, 2)),
     (32, "16"): _AttentionConfig(_Tile(128, 64, 8, 3), _Tile(64, 128, 8, 2), _Tile(128, 32, 8, 2)),
     (64, "16"): _AttentionConfig(_Tile(128, 64, 8, 3), _Tile(32, 128, 8, 2), _Tile(128, 32, 8, 2)),
     (128, "16"): _AttentionConfig(_Tile(128, 32, 8, 2), _Tile(16, 128, 8, 2), _Tile(64, 32, 4, 2)),
+    (16, "32"): _AttentionConfig(_Tile(64, 16, 4, 2), _Tile(16, 64, 4, 2), _Tile(64, 16, 4, 2)),
     (32, "32"): _AttentionConfig(_Tile(64, 16, 4, 2), _Tile(16, 64, 4, 2), _Tile(64, 32, 4, 2)),
     (64, "32"): _AttentionConfig(_Tile(64, 16, 4, 2, d_chunk=32), _Tile(16, 64, 4, 2, d_chunk=16),
                                  _Tile(64, 16, 8, 2)),
@@ -571,8 +707,14 @@ _CONFIGS: dict[tuple[int, str], _AttentionConfig] = {
 }
 
 
+def block_d(head_dim: int) -> int:
+    """The padded head dim the kernels tile: the next power of two >= max(16, head_dim) (a
+    ``tl.dot`` needs 16 columns or more); columns past ``head_dim`` are masked off."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
 def _config(head_dim: int, dtype: torch.dtype) -> _AttentionConfig:
-    return _CONFIGS[(head_dim, "32" if dtype == torch.float32 else "16")]
+    return _CONFIGS[(block_d(head_dim), "32" if dtype == torch.float32 else "16")]
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -602,30 +744,58 @@ def _check_device(**tensors: torch.Tensor | None) -> torch.device:
     return device
 
 
-def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int]:
+_PADDED_DIMS = ("batch", "heads", "length", "head_dim")
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               dims: tuple[str, ...] = _PADDED_DIMS) -> tuple[int, ...]:
+    """q, k, v: tensors of one shape with ``len(dims)`` dimensions and one supported dtype, the
+    head dim (last) in 1..128; the padded layout's length (dim 2) within ``ATTENTION_MAX_LEN``."""
+    layout = f"({', '.join(dims)})"
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have shape (batch, heads, length, head_dim), got "
-                             f"{t.dim()} dimensions {tuple(t.shape)}")
+        if t.dim() != len(dims):
+            raise ValueError(f"{name} must have shape {layout}, got {t.dim()} dimensions "
+                             f"{tuple(t.shape)}")
         if t.dtype not in _SUPPORTED_DTYPES:
             raise ValueError(f"{name} has dtype {t.dtype}; the attention kernels take float32, "
                              "float16 or bfloat16")
     for name, t in (("k", k), ("v", v)):
         if t.shape != q.shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)} but q has {tuple(q.shape)}; "
-                             "self-attention needs q, k and v of one shape (B, H, L, D)")
+                             f"self-attention needs q, k and v of one shape {layout}")
         if t.dtype != q.dtype:
             raise ValueError(f"{name} has dtype {t.dtype} but q has {q.dtype}; they must match")
-    B, H, L, D = q.shape
-    if D not in ATTENTION_HEAD_DIMS:
-        raise ValueError(f"head_dim {D} is not supported by the attention kernels; supported: "
-                         f"{', '.join(map(str, ATTENTION_HEAD_DIMS))}")
+    _check_head_dim(q.shape[-1])
+    if dims == _PADDED_DIMS:
+        _check_length(q.shape[2], "sequence length")
+    return tuple(q.shape)
+
+
+def _check_saved(q: torch.Tensor, do: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                 lse_shape: tuple[int, ...]) -> None:
+    """The backward's dO and O (like q) and the forward's LSE (contiguous fp32 ``lse_shape``)."""
+    for name, t in (("do", do), ("o", o)):
+        if t.shape != q.shape or t.dtype != q.dtype:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} and dtype {t.dtype}; expected "
+                             f"{tuple(q.shape)} and {q.dtype} like q")
+    if lse.shape != lse_shape or lse.dtype != torch.float32 or not lse.is_contiguous():
+        raise ValueError(f"lse must be a contiguous fp32 tensor of shape {lse_shape}, the "
+                         "forward's log-sum-exp")
+
+
+def _check_head_dim(D: int) -> None:
+    if not 1 <= D <= ATTENTION_MAX_HEAD_DIM:
+        raise ValueError(f"head_dim {D} is not supported by the attention kernels: it must lie in "
+                         f"1..{ATTENTION_MAX_HEAD_DIM} (above {ATTENTION_MAX_HEAD_DIM} the tiles "
+                         "no longer fit in registers)")
+
+
+def _check_length(L: int, what: str) -> None:
     if L > ATTENTION_MAX_LEN:
-        raise ValueError(f"sequence length {L} is above the maximum of {ATTENTION_MAX_LEN} "
+        raise ValueError(f"{what} {L} is above the maximum of {ATTENTION_MAX_LEN} "
                          "(the dropout offsets hold a position in 16 bits)")
-    return B, H, L, D
 
 
 def _check_mask(mask: torch.Tensor | None, B: int, L: int) -> None:
@@ -651,20 +821,27 @@ def _check_dropout(dropout_p: float) -> float:
     return dropout_p
 
 
-def _check_seed(seed: int) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
-
-
-def _resolve_seed(seed: int | None, dropout_p: float) -> int:
-    """The Philox seed: the caller's, or drawn from torch's (CPU) RNG so each call gets a fresh mask."""
+def _seed_arg(seed: int | torch.Tensor | None, dropout_p: float, device: torch.device) -> torch.Tensor:
+    """The (1,) int64 dropout seed the kernels load from their SEED pointer (``dropout_seed``: the
+    caller's int or device tensor, or, for None, a draw from torch's generator for ``device``; no
+    host read either way). Without dropout the key is never read: an unfilled placeholder, so
+    no draw advances the generator."""
+    if dropout_p > 0.0:
+        key = dropout_seed(seed, device)
+        # a caller's tensor is copied (on the device): the backward must see the forward's key
+        # even if the caller advances its tensor in place in between
+        return key.clone() if isinstance(seed, torch.Tensor) else key
     if seed is not None:
-        _check_seed(seed)
-    if dropout_p == 0.0:
-        return 0
-    if seed is None:
-        return int(torch.randint(0, 2**31 - 1, (1,)).item())
-    return int(seed)
+        check_seed(seed, device)
+    return torch.empty(1, dtype=torch.int64, device=device)
+
+
+def _check_seed_tensor(seed: torch.Tensor, device: torch.device) -> None:
+    """The backward's seed: the (1,) int64 tensor the forward returned."""
+    if not isinstance(seed, torch.Tensor):
+        raise ValueError(f"seed must be the (1,) int64 tensor the forward returned, got "
+                         f"{type(seed).__name__}")
+    check_seed(seed, device)
 
 
 def _check_scale(softmax_scale: float | None, D: int) -> float:
@@ -709,6 +886,56 @@ def _empty_like(t: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- launchers
+# ``_launch_fwd`` / ``_launch_bwd`` serve both layouts: ``strides(t)`` gives a tensor's (batch,
+# head, row) strides as the kernels read them (``_strides3`` for (B, H, L, D); the packed layout
+# passes (0, head stride, token stride)), ``stat_strides`` the (batch, head) strides of LSE and
+# delta, ``cu_seqlens`` is read only when ``varlen``.
+def _launch_fwd(q, k, v, o, lse, mask, cu_seqlens, seed, strides, stat_strides, B, H, L, D,
+                scale, dropout_p, varlen):
+    cfg = _config(D, q.dtype).fwd
+    has_mask = mask is not None
+    mask, stride_mb = _mask_arg(mask, lse)
+    _attention_fwd_kernel[(triton.cdiv(L, cfg.block_m) * B * H,)](
+        q, k, v, mask, cu_seqlens, seed, o, lse,
+        *strides(q), *strides(k), *strides(v), *strides(o), stride_mb, *stat_strides,
+        H, L, scale * _LOG2E, dropout_p, 1.0 / (1.0 - dropout_p),
+        HEAD_DIM=D, D_CHUNK=cfg.chunk(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        HAS_MASK=has_mask,
+        HAS_DROPOUT=dropout_p > 0.0, INPUT_PRECISION=_input_precision(q.dtype), VARLEN=varlen,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _launch_bwd(do, q, k, v, o, lse, mask, cu_seqlens, seed, dq, dk, dv, strides, stat_strides,
+                B, H, L, D, scale, dropout_p, varlen, rows):
+    """``rows`` = (batches, rows per batch) of the delta preprocess: (B, L) padded, (1, T) packed."""
+    cfg = _config(D, q.dtype)
+    delta = torch.empty_like(lse)
+    pre_b, pre_l = rows
+    _attention_bwd_preprocess_kernel[(triton.cdiv(pre_l, _PRE_BLOCK_M) * pre_b * H,)](
+        o, do, delta, *strides(o), *strides(do), H, pre_l,
+        HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=_PRE_BLOCK_M, num_warps=4)
+    has_mask = mask is not None
+    mask, stride_mb = _mask_arg(mask, lse)
+    common = dict(HEAD_DIM=D, HAS_MASK=has_mask, HAS_DROPOUT=dropout_p > 0.0,
+                  INPUT_PRECISION=_input_precision(q.dtype), VARLEN=varlen)
+    scalars = (H, L, scale * _LOG2E, scale, dropout_p, 1.0 / (1.0 - dropout_p))
+    t = cfg.dkdv
+    for grads in cfg.dkdv_grads:
+        _attention_bwd_dkdv_kernel[(triton.cdiv(L, t.block_n) * B * H,)](
+            q, k, v, mask, cu_seqlens, seed, do, lse, delta, dk, dv,
+            *strides(q), *strides(k), *strides(v), *strides(do), *strides(dk), *strides(dv),
+            stride_mb, *stat_strides, *scalars,
+            D_CHUNK=t.chunk(D), BLOCK_M=t.block_m, BLOCK_N=t.block_n, GRADS=grads,
+            num_warps=t.num_warps, num_stages=t.num_stages, **common)
+    t = cfg.dq
+    _attention_bwd_dq_kernel[(triton.cdiv(L, t.block_m) * B * H,)](
+        q, k, v, mask, cu_seqlens, seed, do, lse, delta, dq,
+        *strides(q), *strides(k), *strides(v), *strides(do), *strides(dq),
+        stride_mb, *stat_strides, *scalars,
+        D_CHUNK=t.chunk(D), BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps,
+        num_stages=t.num_stages, **common)
+
+
 def attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -716,41 +943,35 @@ def attention_fwd(
     key_padding_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     softmax_scale: float | None = None,
-    seed: int | None = None,
+    seed: int | torch.Tensor | None = None,
 ):
     """Launch ``_attention_fwd_kernel``.
 
     Args:
-        q, k, v: (B, H, L, D), one dtype (fp32/fp16/bf16), D in ``ATTENTION_HEAD_DIMS``; strided
-            views are read in place when their last dimension is contiguous.
+        q, k, v: (B, H, L, D), one dtype (fp32/fp16/bf16), 1 <= D <= 128; strided views are read
+            in place when their last dimension is contiguous.
         key_padding_mask: (B, L) bool, True = a real token; None = no padding.
-        dropout_p: in [0, 1); seed: Philox seed (None draws one from torch's RNG when dropout_p > 0).
+        dropout_p: in [0, 1).
         softmax_scale: defaults to D ** -0.5.
+        seed: the dropout seed: an int, a (1,) int64 tensor on q's device, or None (drawn on the
+            device from torch's generator when dropout_p > 0; ``kernels._utils.dropout_seed``).
     Returns:
         (o (B, H, L, D) in q's dtype and layout, lse (B, H, L) fp32 (+inf on all-padding rows),
-        the seed used, the softmax scale used).
+        the (1,) int64 seed tensor used, the softmax scale used).
     """
     B, H, L, D = _check_qkv(q, k, v)
     _check_mask(key_padding_mask, B, L)
     dropout_p = _check_dropout(dropout_p)
     scale = _check_scale(softmax_scale, D)
     device = _check_device(q=q, k=k, v=v, key_padding_mask=key_padding_mask)
-    seed = _resolve_seed(seed, dropout_p)
+    seed = _seed_arg(seed, dropout_p, device)
     q, k, v = _kernel_layout(q), _kernel_layout(k), _kernel_layout(v)
     o = _empty_like(q)
     lse = torch.empty((B, H, L), dtype=torch.float32, device=device)
     if o.numel() == 0:
         return o, lse.fill_(float("inf")), seed, scale
-    cfg = _config(D, q.dtype).fwd
-    mask, stride_mb = _mask_arg(key_padding_mask, lse)
-    _attention_fwd_kernel[(triton.cdiv(L, cfg.block_m) * B * H,)](
-        q, k, v, mask, o, lse,
-        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o), stride_mb,
-        H, L, scale * _LOG2E, dropout_p, 1.0 / (1.0 - dropout_p), seed,
-        HEAD_DIM=D, D_CHUNK=cfg.chunk(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        HAS_MASK=key_padding_mask is not None, HAS_DROPOUT=dropout_p > 0.0,
-        INPUT_PRECISION=_input_precision(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _launch_fwd(q, k, v, o, lse, key_padding_mask, _no_cu_seqlens(device), seed, _strides3,
+                (H * L, L), B, H, L, D, scale, dropout_p, varlen=False)
     return o, lse, seed, scale
 
 
@@ -761,17 +982,17 @@ def attention_bwd(
     v: torch.Tensor,
     o: torch.Tensor,
     lse: torch.Tensor,
-    key_padding_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    softmax_scale: float | None = None,
-    seed: int = 0,
+    key_padding_mask: torch.Tensor | None,
+    dropout_p: float,
+    softmax_scale: float | None,
+    seed: torch.Tensor,
 ):
     """Launch the delta preprocess, ``_attention_bwd_dkdv_kernel`` and ``_attention_bwd_dq_kernel``.
 
     Args:
         do: (B, H, L, D) upstream gradient (any strides; copied when its last dim is not contiguous).
-        q, k, v, key_padding_mask, dropout_p, softmax_scale, seed: the forward's.
-        o, lse: the forward's output and log-sum-exp.
+        q, k, v, key_padding_mask, dropout_p, softmax_scale: the forward's.
+        o, lse, seed: the forward's output, log-sum-exp and (1,) int64 seed tensor.
     Returns:
         (dq, dk, dv), each (B, H, L, D) in its input's dtype and layout.
     """
@@ -779,62 +1000,42 @@ def attention_bwd(
     _check_mask(key_padding_mask, B, L)
     dropout_p = _check_dropout(dropout_p)
     scale = _check_scale(softmax_scale, D)
-    _check_seed(seed)
-    for name, t in (("do", do), ("o", o)):
-        if t.shape != q.shape or t.dtype != q.dtype:
-            raise ValueError(f"{name} has shape {tuple(t.shape)} and dtype {t.dtype}; expected "
-                             f"{tuple(q.shape)} and {q.dtype} like q")
-    if lse.shape != (B, H, L) or lse.dtype != torch.float32 or not lse.is_contiguous():
-        raise ValueError(f"lse must be a contiguous fp32 tensor of shape ({B}, {H}, {L}), the "
-                         "forward's log-sum-exp")
+    _check_saved(q, do, o, lse, (B, H, L))
     device = _check_device(do=do, q=q, k=k, v=v, o=o, lse=lse, key_padding_mask=key_padding_mask)
+    _check_seed_tensor(seed, device)
     q, k, v, o, do = (_kernel_layout(t) for t in (q, k, v, o, do))
     dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
     if dq.numel() == 0:
         return dq, dk, dv
-    cfg = _config(D, q.dtype)
-    precision = _input_precision(q.dtype)
-    delta = torch.empty((B, H, L), dtype=torch.float32, device=device)
-    _attention_bwd_preprocess_kernel[(triton.cdiv(L, _PRE_BLOCK_M) * B * H,)](
-        o, do, delta, *_strides3(o), *_strides3(do), H, L,
-        HEAD_DIM=D, BLOCK_M=_PRE_BLOCK_M, num_warps=4)
-    mask, stride_mb = _mask_arg(key_padding_mask, lse)
-    common = dict(HEAD_DIM=D, HAS_MASK=key_padding_mask is not None, HAS_DROPOUT=dropout_p > 0.0,
-                  INPUT_PRECISION=precision)
-    scalars = (H, L, scale * _LOG2E, scale, dropout_p, 1.0 / (1.0 - dropout_p), seed)
-    t = cfg.dkdv
-    for grads in cfg.dkdv_grads:
-        _attention_bwd_dkdv_kernel[(triton.cdiv(L, t.block_n) * B * H,)](
-            q, k, v, mask, do, lse, delta, dk, dv,
-            *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk),
-            *_strides3(dv), stride_mb, *scalars,
-            D_CHUNK=t.chunk(D), BLOCK_M=t.block_m, BLOCK_N=t.block_n, GRADS=grads,
-            num_warps=t.num_warps, num_stages=t.num_stages, **common)
-    t = cfg.dq
-    _attention_bwd_dq_kernel[(triton.cdiv(L, t.block_m) * B * H,)](
-        q, k, v, mask, do, lse, delta, dq,
-        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dq),
-        stride_mb, *scalars,
-        D_CHUNK=t.chunk(D), BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps,
-        num_stages=t.num_stages, **common)
+    _launch_bwd(do, q, k, v, o, lse, key_padding_mask, _no_cu_seqlens(device), seed, dq, dk, dv,
+                _strides3, (H * L, L), B, H, L, D, scale, dropout_p, varlen=False, rows=(B, L))
     return dq, dk, dv
 
 
-def _attention_dropout_mask(shape: tuple[int, int, int] | torch.Size, p: float, seed: int,
-                            device: torch.device | str = "cpu") -> torch.Tensor:
+def _no_cu_seqlens(device: torch.device) -> torch.Tensor:
+    """The CU_SEQLENS argument of a padded launch: an int32 placeholder, never read."""
+    return torch.empty(1, dtype=torch.int32, device=device)
+
+
+def _attention_dropout_mask(shape: tuple[int, int, int] | torch.Size, p: float,
+                            seed: int | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
     """Debug path: the (B, H, L, L) bool keep-mask (True = kept) the kernels draw for (B, H, L).
 
     It runs the kernels' ``_dropout_keep``, so ``attention_ref(..., dropout_mask=...)`` drops the
-    same probabilities as ``attention(..., dropout_p=p, seed=seed)``.
+    same probabilities as ``attention(..., dropout_p=p, seed=seed)``. The mask depends on (seed,
+    b, h, i, j) only, so for packed sequences (``attention_varlen``) it is the mask of shape
+    (B, H, max_seqlen) restricted to each sequence's [0, length) x [0, length) block.
     """
     p = _check_dropout(p)
-    _check_seed(seed)
+    device = torch.device(device)
+    check_seed(seed, device)
     B, H, L = (int(s) for s in shape)
-    keep = torch.empty((B, H, L, L), dtype=torch.int8, device=torch.device(device))
+    keep = torch.empty((B, H, L, L), dtype=torch.int8, device=device)
     if keep.numel() > 0:
         _check_device(keep=keep)
         grid = (triton.cdiv(L, _MASK_BLOCK), triton.cdiv(L, _MASK_BLOCK), B * H)
-        _attention_dropout_mask_kernel[grid](keep, L, p, seed, BLOCK=_MASK_BLOCK, num_warps=4)
+        _attention_dropout_mask_kernel[grid](keep, dropout_seed(seed, device), L, p,
+                                             BLOCK=_MASK_BLOCK, num_warps=4)
     return keep.view(torch.bool)
 
 
@@ -868,9 +1069,12 @@ def attention(
     key_padding_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     softmax_scale: float | None = None,
-    seed: int | None = None,
+    seed: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Self-attention on the backend in force; see ``attention_ref``. Returns (B, H, L, D)."""
+    """Self-attention on the backend in force; see ``attention_ref``. Returns (B, H, L, D).
+
+    ``seed``: the dropout key, an int or a (1,) int64 tensor on q's device; None draws one on the
+    device from torch's generator (no host read; ``torch.manual_seed`` reproduces it)."""
     impl = dispatch("attention", attention_ref, _attention_triton)
     return impl(q, k, v, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
                 softmax_scale=softmax_scale, seed=seed)
@@ -950,8 +1154,8 @@ _STRIDE_ARGS = {"stride_qb", "stride_qh", "stride_ql", "stride_kb", "stride_kh",
                 "stride_dkb", "stride_dkh", "stride_dkl", "stride_dvb", "stride_dvh", "stride_dvl"}
 
 
-_CONSTEXPR_ARGS = {"HEAD_DIM", "D_CHUNK", "GRADS", "BLOCK_M", "BLOCK_N", "BLOCK", "HAS_MASK",
-                   "HAS_DROPOUT", "INPUT_PRECISION"}
+_CONSTEXPR_ARGS = {"HEAD_DIM", "BLOCK_D", "D_CHUNK", "GRADS", "BLOCK_M", "BLOCK_N", "BLOCK",
+                   "HAS_MASK", "HAS_DROPOUT", "INPUT_PRECISION", "VARLEN"}
 
 
 def _signature(fn, dt: str) -> dict[str, str]:
@@ -966,40 +1170,39 @@ def _signature(fn, dt: str) -> dict[str, str]:
             types[name] = "*u8"
         elif name == "KEEP":
             types[name] = "*i8"
+        elif name == "CU_SEQLENS":
+            types[name] = "*i32"
+        elif name == "SEED":
+            types[name] = "*i64"
         elif name in ("qk_scale", "sm_scale", "dropout_p", "dropout_scale"):
             types[name] = "fp32"
         elif name in _CONSTEXPR_ARGS:
             types[name] = "constexpr"
-        else:  # strides, H, L, seed
+        else:  # strides, H, L
             types[name] = "i32"
     return types
 
 
-def compile_specs() -> list[CompileSpec]:
-    """One ``CompileSpec`` per (kernel, configuration the launcher can choose).
+# Head dims compiled by ``compile_specs``: one per BLOCK_D (unmasked tiles), and head dims that
+# are not powers of two (the masked last chunk: BERT-family checkpoints use 80 and 96).
+COMPILE_HEAD_DIMS = (16, 32, 64, 128)
+COMPILE_MASKED_HEAD_DIMS = (40, 80, 96)
+_VARIANTS = (("mask+dropout", True, True), ("mask", True, False), ("dropout", False, True),
+             ("plain", False, False))
 
-    For every head dim (32, 64, 128) and dtype (fp32, fp16, bf16): the forward, dK/dV (its "dk"
-    and "dv" launches where ``split_dkdv``) and dQ kernels with their ``_CONFIGS`` tiles (and
-    D_CHUNK) in all four switch settings
-    (mask and dropout on or off: the compiler schedules each differently, and a lighter variant
-    can spill where the heavier one does not); the delta preprocess per head dim and dtype; the
-    debug dropout-mask kernel. ``attrs`` carry the divisibility-16 specialisation the
-    JIT gives the strides of minBERT's (B, L, H, D) views (multiples of D) at launch.
-    """
+
+def kernel_compile_specs(head_dims, dtypes, variants, varlen: bool = False,
+                         op: str = "") -> list[CompileSpec]:
+    """``CompileSpec`` of the forward, dK/dV (its "dk" and "dv" launches where ``split_dkdv``) and
+    dQ kernels with their ``_CONFIGS`` tiles (and D_CHUNK) for every head dim x dtype x variant
+    (name, HAS_MASK, HAS_DROPOUT); ``varlen`` compiles the packed layout (``VARLEN``). ``attrs``
+    carry the divisibility-16 specialisation the JIT gives pointers and the strides of minBERT's
+    (B, L, H, D) views (multiples of D) at launch."""
     specs: list[CompileSpec] = []
-
-    def add(kernel, fn, dt, const, warps, stages, label):
-        sig = _signature(fn, dt)
-        attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, t in sig.items()
-                 if t.startswith("*") or k in _STRIDE_ARGS}
-        specs.append(CompileSpec(kernel, fn, sig, const, warps, stages, label, attrs))
-
-    for D in ATTENTION_HEAD_DIMS:
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    for D in head_dims:
+        for dtype in dtypes:
             dt = _TRITON_DTYPE[dtype]
             cfg = _config(D, dtype)
-            variants = [("mask+dropout", True, True), ("mask", True, False),
-                        ("dropout", False, True), ("plain", False, False)]
             launches = [("_attention_fwd_kernel", _attention_fwd_kernel, cfg.fwd, {}, "fwd"),
                         *(("_attention_bwd_dkdv_kernel", _attention_bwd_dkdv_kernel, cfg.dkdv,
                            dict(GRADS=g), "bwd_dkdv" if g == "dkdv" else f"bwd_dkdv[{g}]")
@@ -1009,17 +1212,47 @@ def compile_specs() -> list[CompileSpec]:
                 for vname, has_mask, has_dropout in variants:
                     const = dict(HEAD_DIM=D, D_CHUNK=tile.chunk(D), BLOCK_M=tile.block_m,
                                  BLOCK_N=tile.block_n, HAS_MASK=has_mask, HAS_DROPOUT=has_dropout,
-                                 INPUT_PRECISION=_input_precision(dtype), **extra)
-                    chunk = f" D_CHUNK={tile.chunk(D)}" if tile.chunk(D) < D else ""
-                    add(kernel, fn, dt, const, tile.num_warps, tile.num_stages,
-                        f"{name} D={D} {dt} {vname} BLOCK_M={tile.block_m} "
+                                 INPUT_PRECISION=_input_precision(dtype), VARLEN=varlen, **extra)
+                    dims = f"D={D}" + (f" BLOCK_D={block_d(D)}" if block_d(D) != D else "")
+                    chunk = f" D_CHUNK={tile.chunk(D)}" if tile.chunk(D) < block_d(D) else ""
+                    specs.append(_compile_spec(
+                        kernel, fn, dt, const, tile.num_warps, tile.num_stages,
+                        f"{op}{name} {dims} {dt} {vname} BLOCK_M={tile.block_m} "
                         f"BLOCK_N={tile.block_n}{chunk} warps={tile.num_warps} "
-                        f"stages={tile.num_stages}")
-            add("_attention_bwd_preprocess_kernel", _attention_bwd_preprocess_kernel, dt,
-                dict(HEAD_DIM=D, BLOCK_M=_PRE_BLOCK_M), 4, 3,
-                f"bwd_preprocess D={D} {dt} BLOCK_M={_PRE_BLOCK_M} warps=4")
-    add("_attention_dropout_mask_kernel", _attention_dropout_mask_kernel, "fp32",
-        dict(BLOCK=_MASK_BLOCK), 4, 3, f"dropout mask (debug) BLOCK={_MASK_BLOCK} warps=4")
+                        f"stages={tile.num_stages}"))
+    return specs
+
+
+def _compile_spec(kernel, fn, dt, const, warps, stages, label) -> CompileSpec:
+    sig = _signature(fn, dt)
+    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, t in sig.items()
+             if t.startswith("*") or k in _STRIDE_ARGS}
+    return CompileSpec(kernel, fn, sig, const, warps, stages, label, attrs)
+
+
+def compile_specs() -> list[CompileSpec]:
+    """One ``CompileSpec`` per (kernel, configuration the launcher can choose).
+
+    Every BLOCK_D (``COMPILE_HEAD_DIMS``) in fp32, fp16 and bf16, all four switch settings (mask
+    and dropout on or off: the compiler schedules each differently, and a lighter variant can
+    spill where the heavier one does not); the masked head dims (``COMPILE_MASKED_HEAD_DIMS``) in
+    fp32 and bf16 (fp16 compiles as bf16 does), heaviest and lightest setting; the delta
+    preprocess per head dim and dtype; the debug dropout-mask kernel.
+    """
+    all_dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    specs = kernel_compile_specs(COMPILE_HEAD_DIMS, all_dtypes, _VARIANTS)
+    specs += kernel_compile_specs(COMPILE_MASKED_HEAD_DIMS, (torch.float32, torch.bfloat16),
+                                  (_VARIANTS[0], _VARIANTS[3]))
+    for D in COMPILE_HEAD_DIMS + COMPILE_MASKED_HEAD_DIMS:
+        for dtype in all_dtypes:
+            dt = _TRITON_DTYPE[dtype]
+            specs.append(_compile_spec(
+                "_attention_bwd_preprocess_kernel", _attention_bwd_preprocess_kernel, dt,
+                dict(HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=_PRE_BLOCK_M), 4, 3,
+                f"bwd_preprocess D={D} {dt} BLOCK_M={_PRE_BLOCK_M} warps=4"))
+    specs.append(_compile_spec("_attention_dropout_mask_kernel", _attention_dropout_mask_kernel,
+                               "fp32", dict(BLOCK=_MASK_BLOCK), 4, 3,
+                               f"dropout mask (debug) BLOCK={_MASK_BLOCK} warps=4"))
     return specs
 
 
@@ -1042,6 +1275,11 @@ def fa2_tiled_bytes(B: int, H: int, L: int, D: int, dtype: torch.dtype, has_mask
     held to. Rows past L are masked off and move nothing; a key block of padding only skips its
     loop (fewer bytes than this).
     """
+    return B * H * fa2_head_bytes(L, D, dtype, has_mask)
+
+
+def fa2_head_bytes(L: int, D: int, dtype: torch.dtype, has_mask: bool) -> int:
+    """``fa2_tiled_bytes`` of one (sequence, head) of length L (the formula above)."""
     size = torch.empty((), dtype=dtype).element_size()
     cfg = _config(D, dtype)
     T, S, M = L * D * size, 4 * L, L if has_mask else 0
@@ -1052,7 +1290,7 @@ def fa2_tiled_bytes(B: int, H: int, L: int, D: int, dtype: torch.dtype, has_mask
         per_head += n_kv * T + n_dq * T
     if cfg.split_dkdv:
         per_head += 2 * T + M + n_kv * (2 * T + S) - T
-    return B * H * per_head
+    return per_head
 
 
 def attention_lower_bound_bytes(B: int, H: int, L: int, D: int, dtype: torch.dtype,

@@ -34,6 +34,7 @@ from kernels._cli import check_output_file
 OP_MODULES = [
     "kernels.layernorm_gelu",
     "kernels.attention",
+    "kernels.attention_varlen",
     "kernels.simcse_loss",
     "kernels.adamw",
 ]

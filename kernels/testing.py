@@ -577,3 +577,41 @@ def zero_acceptance(comparisons: Iterable[Comparison]) -> tuple[int, int, int]:
     comps = [c for c in comparisons if not c.what.startswith("launch ") and math.isfinite(c.budget)]
     accept = [c for c in comps if c.accepts_zero]
     return len(comps), len(accept), sum(c.exact_zero for c in accept)
+
+
+# ----------------------------------------------------------------------------- host reads
+_HOST_READS = ("item", "cpu", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+
+@contextlib.contextmanager
+def forbid_host_reads():
+    """Inside the block, every read of a tensor's value by the host raises ``AssertionError``:
+    ``Tensor.item``, ``.cpu()``, ``.tolist()``, ``.numpy()``, ``.to("cpu")``, ``bool(t)``,
+    ``int(t)``, ``float(t)`` and ``t.__index__`` (on CUDA each one waits for the device).
+
+    Run on CPU tensors, it shows that a code path would not synchronise on a GPU: tests wrap a
+    forward + backward in it (Triton's interpreter itself reads none of these).
+    """
+    originals = {name: getattr(torch.Tensor, name) for name in _HOST_READS}
+    original_to = torch.Tensor.to
+
+    def forbid(name):
+        def read(self, *args, **kwargs):
+            raise AssertionError(f"host read: Tensor.{name} on a {tuple(self.shape)} tensor")
+        return read
+
+    def to(self, *args, **kwargs):
+        targets = [*args, kwargs.get("device")]
+        if any(str(t) == "cpu" for t in targets if isinstance(t, (str, torch.device))):
+            raise AssertionError(f"host read: Tensor.to('cpu') on a {tuple(self.shape)} tensor")
+        return original_to(self, *args, **kwargs)
+
+    try:
+        for name in _HOST_READS:
+            setattr(torch.Tensor, name, forbid(name))
+        torch.Tensor.to = to
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(torch.Tensor, name, fn)
+        torch.Tensor.to = original_to

@@ -39,6 +39,14 @@ CASES = [
     A.attention_case(2, 2, 65, 64, padding=False, layout="bhld", softmax_scale=0.3),
     A.attention_case(2, 1, 130, 128),
 ]
+# head dims that are not 32, 64 or 128: BLOCK_D 16, and masked head-dim chunks (40 -> 64, 80 and
+# 96 -> 128 columns), with and without dropout
+HEAD_DIM_CASES = [
+    A.attention_case(2, 2, 9, 16),
+    A.attention_case(1, 2, 21, 40, dropout_p=0.1),
+    A.attention_case(2, 2, 33, 80),
+    A.attention_case(2, 1, 17, 96, dropout_p=0.2, layout="bhld"),
+]
 DROPOUT_CASES = [
     A.attention_case(2, 2, 33, 32, dropout_p=0.2),
     A.attention_case(2, 1, 70, 64, dropout_p=0.1, layout="bhld"),
@@ -66,6 +74,27 @@ def test_matches_reference(case, dtype):
 @pytest.mark.parametrize("case, dtype", _grid(DROPOUT_CASES))
 def test_matches_reference_with_dropout(case, dtype):
     assert_case(case, DEVICE, dtype, launches=LAUNCHES)
+
+
+@pytest.mark.parametrize("case, dtype", _grid(HEAD_DIM_CASES))
+def test_any_head_dim_matches_reference(case, dtype):
+    assert_case(case, DEVICE, dtype, launches=LAUNCHES)
+
+
+def test_masked_head_dim_leaves_no_trace_in_padding_columns():
+    """D = 80 runs 128-column tiles: the outputs and gradients hold exactly D columns, equal to
+    the same inputs zero-padded to 128 columns (the extra columns change no score)."""
+    q, k, v = _qkv(2, 2, 19, 80, seed=9)
+    do = torch.randn(2, 2, 19, 80, generator=torch.Generator().manual_seed(1))
+    out = A._attention_triton(q, k, v, softmax_scale=80 ** -0.5)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    wide = [torch.nn.functional.pad(t.detach(), (0, 48)).requires_grad_() for t in (q, k, v)]
+    out_w = A._attention_triton(*wide, softmax_scale=80 ** -0.5)
+    grads_w = torch.autograd.grad(out_w, wide, torch.nn.functional.pad(do, (0, 48)))
+    assert out.shape == (2, 2, 19, 80)
+    torch.testing.assert_close(out, out_w[..., :80], rtol=1e-5, atol=1e-6)
+    for g, gw in zip(grads, grads_w):
+        torch.testing.assert_close(g, gw[..., :80], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -229,8 +258,8 @@ def test_bad_inputs_raise_value_error(monkeypatch):
     q, k, v = _qkv(2, 2, 5, 32, requires_grad=False)
     mask = torch.ones(2, 5, dtype=torch.bool, device=DEVICE)
     fwd = A.attention_fwd
-    with pytest.raises(ValueError, match="head_dim 48 is not supported.*32, 64, 128"):
-        fwd(*(torch.randn(2, 2, 5, 48, device=DEVICE) for _ in range(3)))
+    with pytest.raises(ValueError, match="head_dim 160 is not supported.*1..128"):
+        fwd(*(torch.randn(2, 2, 5, 160, device=DEVICE) for _ in range(3)))
     with pytest.raises(ValueError, match=r"k has shape \(2, 2, 6, 32\) but q has \(2, 2, 5, 32\)"):
         fwd(q, torch.randn(2, 2, 6, 32, device=DEVICE), v)
     with pytest.raises(ValueError, match=r"v has dtype torch.float16 but q has torch.float32"):
@@ -253,8 +282,10 @@ def test_bad_inputs_raise_value_error(monkeypatch):
     with pytest.raises(ValueError, match="key_padding_mask on meta"):
         fwd(q, k, v, torch.ones(2, 5, dtype=torch.bool, device="meta"))
     # through the public function too
-    with pytest.raises(ValueError, match="head_dim 16 is not supported"), kernels.use_backend("triton"):
-        kernels.attention(*(torch.randn(1, 1, 3, 16, device=DEVICE) for _ in range(3)))
+    with pytest.raises(ValueError, match="head_dim 129 is not supported"), kernels.use_backend("triton"):
+        kernels.attention(*(torch.randn(1, 1, 3, 129, device=DEVICE) for _ in range(3)))
+    with pytest.raises(ValueError, match="a seed tensor must hold one int64"):
+        fwd(q, k, v, dropout_p=0.1, seed=torch.tensor([3], dtype=torch.int32, device=DEVICE))
     # CPU tensors need the interpreter: the check is called with the variable removed
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="got CPU tensors.*TRITON_INTERPRET=1"):
