@@ -7,7 +7,8 @@ layout minBERT runs in when a batch holds padding: no GEMM, LayerNorm or GELU se
 
 This file holds the eager reference ``attention_varlen_ref`` (it scatters the packed tokens into a
 (B, H, max_seqlen, D) batch, runs ``attention_ref`` with a key-padding mask and gathers the real
-rows back) and the functional form that dispatches on the kernels backend. The Triton kernels
+rows back, through row gather/scatter functions whose backward never accumulates) and the
+functional form that dispatches on the kernels backend. The Triton kernels
 come in a later change; until then the ``triton`` backend runs the reference (and says so once).
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ._backend import dispatch
+from ._utils import gather_rows, scatter_rows
 from .attention import attention_ref
 
 
@@ -83,14 +85,13 @@ def attention_varlen_ref(
     L = int(max_seqlen)
     index, mask = varlen_index(cu_seqlens, T, L)
 
-    def pad(t: torch.Tensor) -> torch.Tensor:  # (T, H, D) -> (B, H, L, D)
-        out = t.new_zeros(B * L, H, D).index_copy(0, index, t)
-        return out.view(B, L, H, D).transpose(1, 2)
+    def pad(t: torch.Tensor) -> torch.Tensor:  # (T, H, D) -> (B, H, L, D), zeros at the padding
+        return scatter_rows(t, index, B * L).view(B, L, H, D).transpose(1, 2)
 
     o = attention_ref(pad(q), pad(k), pad(v), key_padding_mask=mask, dropout_p=dropout_p,
                       softmax_scale=softmax_scale, seed=seed, dropout_mask=dropout_mask,
                       upcast=upcast)  # (B, H, L, D)
-    return o.transpose(1, 2).reshape(B * L, H, D).index_select(0, index)
+    return gather_rows(o.transpose(1, 2).reshape(B * L, H, D), index)
 
 
 def attention_varlen(
