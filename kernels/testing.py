@@ -187,6 +187,13 @@ def _compare(case: str, dtype: torch.dtype, what: str, kernel: Tensor | None, ea
     return Comparison(case, dtype, what, err, eager_err, budget, err <= budget, where)
 
 
+def compare_tensors(name: str, dtype: torch.dtype, what: str, kernel: Tensor | None,
+                    eager: Tensor | None, ref: Tensor | None) -> Comparison:
+    """The error budget on one tensor computed outside an ``OpCase`` (e.g. a whole model run two
+    ways): ``kernel`` and ``eager`` in ``dtype``, ``ref`` the same value in higher precision."""
+    return _compare(name, dtype, what, kernel, eager, ref)
+
+
 def compare_case(case: OpCase, device: torch.device | str, dtype: torch.dtype,
                  seed: int = 0) -> list[Comparison]:
     """Kernel vs eager vs fp32 reference on every output and every input gradient of ``case``.

@@ -30,6 +30,9 @@ class ModelConfig:
     hidden_dropout: float | None = None  # override the checkpoint's dropout (None = keep)
     attention_dropout: float | None = None
     head_dropout: float = 0.1  # dropout before each task head
+    # run the encoder on the real tokens only (BertConfig.unpad); None = the checkpoint's (true
+    # unless its config.json says otherwise)
+    unpad: bool | None = None
 
     def __post_init__(self):
         for name in ("hidden_dropout", "attention_dropout", "head_dropout"):

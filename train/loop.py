@@ -119,6 +119,8 @@ def build_encoder(cfg: TrainConfig, checkpoint: str | Path | None = None) -> Ber
         changes["hidden_dropout_prob"] = cfg.model.hidden_dropout
     if cfg.model.attention_dropout is not None:
         changes["attention_probs_dropout_prob"] = cfg.model.attention_dropout
+    if cfg.model.unpad is not None:
+        changes["unpad"] = cfg.model.unpad
     return BertModel.from_pretrained(checkpoint if checkpoint is not None else cfg.model.checkpoint,
                                      config_changes=changes)
 
