@@ -261,10 +261,10 @@ def run_round(trainer, variant: str, steps: int) -> dict:
         torch.cuda.synchronize(trainer.device)
         torch.cuda.reset_peak_memory_stats(trainer.device)
         base_mem = torch.cuda.memory_allocated(trainer.device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     results = [trainer.train_step() for _ in range(steps)]
     losses, _ = trainer._check_finite(results)  # the loop's read-back, once per round
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     phases = dict(trainer.timer.seconds)
     trainer.timer = None
     lengths = [int(n) for kwargs in trainer.drawn for k, mask in kwargs.items()
@@ -272,6 +272,7 @@ def run_round(trainer, variant: str, steps: int) -> dict:
     slots = sum(r.padded_tokens for r in results)
     examples = sum(r.examples for r in results) / trainer.world  # this rank's share
     out = {"seconds": seconds, "samples_per_s": examples / seconds,
+           "samples_per_cpu_s": examples / max(cpu_seconds, 1e-9),
            "tokens_per_s": sum(r.tokens for r in results) / seconds,
            "step_s": seconds / steps, "flops": useful_flops(trainer.engine.module.bert.config, lengths),
            "tokens": sum(r.tokens for r in results), "padded_tokens": slots, "losses": losses,
@@ -289,6 +290,9 @@ def summarise(rounds: list[dict], peak: float | None) -> dict:
         "samples_per_s": statistics.median(sps), "samples_per_s_min": min(sps),
         "samples_per_s_max": max(sps), "samples_per_s_rounds": sps,
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rounds),
+        # examples per second of this process's CPU time (all its threads): on a CPU shared with
+        # other jobs, steadier than wall time, which counts the time others hold the cores
+        "samples_per_cpu_s": statistics.median(r["samples_per_cpu_s"] for r in rounds),
         "step_s": statistics.median(r["step_s"] for r in rounds),
         "model_flops_per_s": sum(r["flops"] for r in rounds) / seconds,
     }
@@ -376,11 +380,14 @@ def main(argv: list[str] | None = None) -> int:
     padding = 1.0 - sum(r["tokens"] for r in any_rounds) / max(sum(r["padded_tokens"] for r in any_rounds), 1)
     for v, t in trainers.items():
         figures[v]["attn_implementation"] = t.attn_implementation
-    ratios = {}
+    ratios, cpu_ratios = {}, {}
     for base in ("transformers", "transformers-eager"):
         for v in figures:
             if base in figures and v.startswith("ours"):
                 ratios[f"{v}/{base}"] = figures[v]["samples_per_s"] / figures[base]["samples_per_s"]
+                if device.type == "cpu":
+                    cpu_ratios[f"{v}/{base}"] = (figures[v]["samples_per_cpu_s"]
+                                                 / figures[base]["samples_per_cpu_s"])
 
     per_rank = [None] * world
     dist.all_gather_object(per_rank, figures)
@@ -391,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
             "device_count": world, "dtype": dtype, "peak_flops": peak, "peak_source": peak_source,
             "config": cfg.to_dict(), "steps": args.steps * args.rounds, "rounds": args.rounds,
             "steps_per_round": args.steps, "warmup": args.warmup, "padding_fraction": padding,
-            "figures": figures, "per_rank": per_rank, "ratios": ratios, "skipped": skipped,
+            "figures": figures, "per_rank": per_rank, "ratios": ratios, "cpu_ratios": cpu_ratios, "skipped": skipped,
             "telemetry": telemetry,
         }
         results = Path(args.results)
@@ -404,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
         cols = [("variant", "variant"), ("attention", "attention"), ("samples_per_s", "samples/s"),
                 ("spread", "min-max"), ("tokens_per_s", "real tokens/s"), ("step_s", "step s"),
                 ("data_s", "data s"), ("forward_s", "fwd s"), ("backward_s", "bwd s"),
-                ("optimizer_s", "opt s"), ("mfu", "MFU"), ("peak_memory_mb", "peak MB")]
+                ("optimizer_s", "opt s"), ("samples_per_cpu_s", "samples/CPU-s"), ("mfu", "MFU"),
+                ("peak_memory_mb", "peak MB")]
         print(f"device: {name} x {world} | {dtype} | config {cfg.name} | {args.rounds} rounds x "
               f"{args.steps} steps per variant after {args.warmup} warm-up | padding "
               f"{100 * padding:.1f}% of the token slots | "
@@ -413,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(rows, cols))
         for k, v in ratios.items():
             print(f"{k}: {v:.3f}x samples/s (ratio of medians)")
+        for k, v in cpu_ratios.items():
+            print(f"{k}: {v:.3f}x samples per CPU-second (ratio of medians)")
         for k, v in skipped.items():
             print(f"skipped {k}: {v}")
         print(f"NVML: {telemetry.get('nvml')}")
