@@ -45,8 +45,9 @@ import threading
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script under the deepspeed launcher
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as a script under the deepspeed launcher: import from the
+    # repository root, not from bench/ (whose profile.py would shadow the standard library's)
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import torch  # noqa: E402
 
