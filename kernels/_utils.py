@@ -66,3 +66,47 @@ def fake_grad(t: torch.Tensor, needed: bool) -> torch.Tensor:
 
 def needed_or_none(t: torch.Tensor, needed: bool) -> torch.Tensor | None:
     return t if needed else None
+
+
+class _GatherRows(torch.autograd.Function):
+    """``x.index_select(0, index)`` for an ``index`` without repeats. Its backward writes the
+    gradient rows back with ``index_copy_`` into zeros: no accumulation, so no atomics on a GPU
+    and none of the slow CPU ``scatter_add_`` path ``index_select``'s own backward takes."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.rows = x.shape[0]
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        out = grad.new_zeros(ctx.rows, *grad.shape[1:]).index_copy_(0, index, grad.contiguous())
+        return out, None
+
+
+class _ScatterRows(torch.autograd.Function):
+    """Zeros of ``rows`` rows with ``x``'s rows written at ``index`` (no repeats); the backward
+    is the gather of those rows."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        return x.new_zeros(rows, *x.shape[1:]).index_copy_(0, index, x.contiguous())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        return grad.index_select(0, index), None, None
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(N, ...) -> (len(index), ...): the rows at ``index`` (int64, no repeats)."""
+    return _GatherRows.apply(x, index)
+
+
+def scatter_rows(x: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
+    """(len(index), ...) -> (rows, ...): ``x``'s rows at ``index`` (int64, no repeats), zeros
+    elsewhere. The inverse of ``gather_rows``."""
+    return _ScatterRows.apply(x, index, rows)

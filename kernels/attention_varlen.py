@@ -30,7 +30,8 @@ CUDA (debugging), ``check=False`` skips it. Unchecked bad values give wrong resu
 This file holds the launchers (``attention_varlen_fwd`` / ``attention_varlen_bwd``), the autograd
 Function, the functional form that dispatches on the kernels backend, and the eager reference
 ``attention_varlen_ref`` (it scatters the packed tokens into a (B, H, max_seqlen, D) batch, runs
-``attention_ref`` with a key-padding mask and gathers the real rows back).
+``attention_ref`` with a key-padding mask and gathers the real rows back, through row
+gather/scatter functions whose backward never accumulates).
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ import torch
 import triton
 
 from ._backend import dispatch
+from ._utils import gather_rows, scatter_rows
 from .attention import (
     COMPILE_HEAD_DIMS,
     _attention_dropout_mask,
@@ -167,14 +169,13 @@ def attention_varlen_ref(
         return (q.float() if upcast else q) * 0
     index, mask = varlen_index(cu_seqlens, T, L)
 
-    def pad(t: torch.Tensor) -> torch.Tensor:  # (T, H, D) -> (B, H, L, D)
-        out = t.new_zeros(B * L, H, D).index_copy(0, index, t)
-        return out.view(B, L, H, D).transpose(1, 2)
+    def pad(t: torch.Tensor) -> torch.Tensor:  # (T, H, D) -> (B, H, L, D), zeros at the padding
+        return scatter_rows(t, index, B * L).view(B, L, H, D).transpose(1, 2)
 
     o = attention_ref(pad(q), pad(k), pad(v), key_padding_mask=mask, dropout_p=dropout_p,
                       softmax_scale=softmax_scale, seed=seed, dropout_mask=dropout_mask,
                       upcast=upcast)  # (B, H, L, D)
-    return o.transpose(1, 2).reshape(B * L, H, D).index_select(0, index)
+    return gather_rows(o.transpose(1, 2).reshape(B * L, H, D), index)
 
 
 # ----------------------------------------------------------------------------- launchers

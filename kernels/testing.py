@@ -290,6 +290,14 @@ def _compare(case: str, dtype: torch.dtype, what: str, kernel: Tensor | None, ea
     return Comparison(case, dtype, what, err, eager_err, budget, err <= budget, where, scale, zero)
 
 
+def compare_tensors(name: str, dtype: torch.dtype, what: str, kernel: Tensor | None,
+                    eager: Tensor | None, ref: Tensor | None, zero: bool = False) -> Comparison:
+    """The error budget on one tensor computed outside an ``OpCase`` (e.g. a whole model run two
+    ways): ``kernel`` and ``eager`` in ``dtype``, ``ref`` the same value in higher precision.
+    ``zero``: the value is zero in exact arithmetic (see ``compare_case``)."""
+    return _compare(name, dtype, what, kernel, eager, ref, zero=zero)
+
+
 _recorders: list[list[Comparison]] = []  # open record_comparisons() blocks
 
 

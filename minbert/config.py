@@ -26,6 +26,9 @@ class BertConfig:
     hidden_act: Literal["gelu", "gelu_new", "gelu_pytorch_tanh"] = "gelu"  # erf GELU or tanh
     pad_token_id: int = 0  # id of [PAD]
     initializer_range: float = 0.02  # std of the normal init for weights trained from scratch
+    # run the layers on the real tokens only when a batch holds padding (minBERT's own field:
+    # transformers ignores it; a config.json without it loads as True)
+    unpad: bool = True
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -39,6 +42,8 @@ class BertConfig:
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"BertConfig.{name} must lie in [0, 1), got {getattr(self, name)!r}")
+        if not isinstance(self.unpad, bool):
+            raise ValueError(f"BertConfig.unpad must be true or false, got {self.unpad!r}")
         if self.hidden_act not in GELU_VARIANTS:
             raise ValueError(f"BertConfig.hidden_act {self.hidden_act!r} is not supported; "
                              f"choose one of {sorted(GELU_VARIANTS)}")

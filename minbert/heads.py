@@ -8,7 +8,8 @@ Pair tasks come in two forms, chosen per task:
   - cross-encoder: one pass over ``[CLS] a [SEP] b [SEP]``, a linear head on the pooled vector;
   - bi-encoder: each sentence encoded alone into u, v; the head sees ``[u, v, |u-v|, u*v]``
     (``head="concat"``) or only ``cos(u, v)`` (``head="cosine"``).
-Pooling: the [CLS] vector through BERT's pooler (``"cls"``), or the mean over real tokens.
+Pooling: the [CLS] vector through BERT's pooler (``"cls"``), or the mean over real tokens
+(on the packed rows when the encoder ran unpadded: the padded shape is never built).
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import BertModel
+from .model import BertModel, BertOutput
+from .packing import Packing
 
 NUM_SENTIMENT_CLASSES = 5
 STS_MAX = 5.0
@@ -54,6 +56,19 @@ def mean_pool(h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
+def pool(out: BertOutput, attention_mask: torch.Tensor | None, pooling: str) -> torch.Tensor:
+    """(B, H) sentence vectors from an encoder output: the pooler (``"cls"``) or the mean of the
+    real tokens (``"mean"``; on the packed rows when the encoder ran unpadded)."""
+    if pooling == "cls":
+        return out.pooler_output
+    if isinstance(out, BertOutput) and out.packed is not None:
+        return out.packing.mean_rows(out.packed)
+    h = out.last_hidden_state
+    if attention_mask is None:
+        return h.mean(1)
+    return mean_pool(h, attention_mask)
+
+
 class MultitaskBert(nn.Module):
     """A ``BertModel`` with one head per task. ``forward(task, batch)`` returns the task's raw
     prediction: sst (B, 5) logits, quora (B,) logits, sts (B,) similarity in [0, 5] units."""
@@ -86,26 +101,29 @@ class MultitaskBert(nn.Module):
                 nn.init.normal_(head.weight, std=0.02)
                 nn.init.zeros_(head.bias)
 
-    def embed(self, task: str, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
+    def embed(self, task: str, input_ids, attention_mask, token_type_ids,
+              packing: Packing | None = None) -> torch.Tensor:
         """(B, L) token ids -> (B, H) pooled vector, pooled as the task's spec says."""
-        out = self.bert(input_ids, attention_mask, token_type_ids)
-        if self.spec.tasks[task].pooling == "cls":
-            return out.pooler_output
-        return mean_pool(out.last_hidden_state, attention_mask)
+        out = self.bert(input_ids, attention_mask, token_type_ids, packing=packing)
+        return pool(out, attention_mask, self.spec.tasks[task].pooling)
 
     def forward(self, task: str, input_ids, attention_mask, token_type_ids,
-                input_ids_b=None, attention_mask_b=None, token_type_ids_b=None) -> torch.Tensor:
+                input_ids_b=None, attention_mask_b=None, token_type_ids_b=None,
+                packing: Packing | None = None, packing_b: Packing | None = None) -> torch.Tensor:
+        """``packing`` / ``packing_b``: ``Packing.from_mask`` of the masks, computed by the data
+        pipeline on the host (the encoder then reads nothing back from the device)."""
         if task not in self.heads:
             raise ValueError(f"task {task!r} has no head; heads: {list(self.heads)}")
         hs = self.spec.tasks[task]
         head = self.heads[task]
         if task == "sst" or hs.form == "cross":
-            logits = head(self.dropout(self.embed(task, input_ids, attention_mask, token_type_ids)))
+            logits = head(self.dropout(self.embed(task, input_ids, attention_mask, token_type_ids,
+                                                  packing)))
             return logits if task == "sst" else logits.squeeze(-1)
         if input_ids_b is None:
             raise ValueError(f"task {task!r} is a bi-encoder: it needs the second sentence's batch")
-        u = self.embed(task, input_ids, attention_mask, token_type_ids)
-        v = self.embed(task, input_ids_b, attention_mask_b, token_type_ids_b)
+        u = self.embed(task, input_ids, attention_mask, token_type_ids, packing)
+        v = self.embed(task, input_ids_b, attention_mask_b, token_type_ids_b, packing_b)
         if hs.head == "concat":
             return head(self.dropout(torch.cat([u, v, (u - v).abs(), u * v], dim=-1))).squeeze(-1)
         cos = F.cosine_similarity(u.float(), v.float(), dim=-1)  # (B,)

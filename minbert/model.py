@@ -5,10 +5,17 @@ Every piece of math a fused kernel replaces goes through ``kernels``: self-atten
 ``LayerNorm(dropout(dense(h)) + h)`` (``kernels.layer_norm`` with residual and dropout) and the
 feed-forward ``GELU(x W^T + b)`` (``kernels.bias_gelu``). Module and parameter names follow
 HF ``transformers.BertModel`` so its checkpoints load unchanged.
+
+Unpadded execution (``BertConfig.unpad``, the default): when the attention mask holds padding,
+the embeddings are looked up for the real tokens only (a ``Packing`` of the batch) and every
+layer runs on (T, hidden) rows, attention through ``kernels.attention_varlen``; no GEMM,
+LayerNorm or GELU sees a pad token. The padded (B, L, hidden) shape is rebuilt only when a caller
+reads ``last_hidden_state`` or asks for ``hidden_states``; the pooler takes the [CLS] rows
+directly. Real tokens get the same values either way (within rounding); padding positions of
+``last_hidden_state`` are zeros when unpadded (padded, they hold vectors nobody should use).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,13 +25,35 @@ from torch import nn
 import kernels
 
 from .config import BertConfig
+from .packing import Packing
 
 
-@dataclass
 class BertOutput:
-    last_hidden_state: torch.Tensor  # (B, L, hidden)
-    pooler_output: torch.Tensor  # (B, hidden): tanh(dense([CLS]))
-    hidden_states: tuple[torch.Tensor, ...] | None = None  # embeddings + each layer, (B, L, hidden)
+    """What ``BertModel`` returns.
+
+    Attributes:
+        pooler_output: (B, hidden), tanh(dense([CLS])).
+        last_hidden_state: (B, L, hidden); built from ``packed`` on first access when unpadded.
+        hidden_states: embeddings + each layer, (B, L, hidden), when asked for.
+        packed: (T, hidden) last layer at the real tokens when the model ran unpadded, else None.
+        packing: the ``Packing`` it ran on, or None.
+    """
+
+    def __init__(self, pooler_output: torch.Tensor, last_hidden_state: torch.Tensor | None = None,
+                 hidden_states: tuple[torch.Tensor, ...] | None = None,
+                 packed: torch.Tensor | None = None, packing: Packing | None = None):
+        if (last_hidden_state is None) == (packed is None):
+            raise ValueError("BertOutput needs exactly one of last_hidden_state and packed")
+        self.pooler_output = pooler_output
+        self.hidden_states = hidden_states
+        self.packed, self.packing = packed, packing
+        self._last = last_hidden_state
+
+    @property
+    def last_hidden_state(self) -> torch.Tensor:
+        if self._last is None:
+            self._last = self.packing.unpack(self.packed)
+        return self._last
 
 
 class BertEmbeddings(nn.Module):
@@ -37,10 +66,18 @@ class BertEmbeddings(nn.Module):
         self.LayerNorm = kernels.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout_p = config.hidden_dropout_prob
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
-        L = input_ids.shape[1]
-        positions = torch.arange(L, device=input_ids.device)
-        # (word + token type) + position, in HF's order of additions: (B, L, hidden)
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None,
+                packing: Packing | None = None) -> torch.Tensor:
+        """(B, L) ids -> (B, L, hidden), or (T, hidden) for the real tokens given ``packing``."""
+        if packing is not None:  # look up the real tokens only
+            input_ids = packing.pack(input_ids)  # (T,)
+            positions = packing.positions()  # (T,)
+            token_type_ids = None if token_type_ids is None else packing.pack(token_type_ids)
+        else:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        # (word + token type) + position, in HF's order of additions
         x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
         x = self.LayerNorm(x, residual=self.position_embeddings(positions))
         return F.dropout(x, self.dropout_p, self.training)
@@ -56,7 +93,16 @@ class BertSelfAttention(nn.Module):
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
 
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None,
+                packing: Packing | None = None) -> torch.Tensor:
+        p = self.dropout_p if self.training else 0.0
+        if packing is not None:  # x: (T, hidden), the real tokens of all sequences
+            T = x.shape[0]
+            q, k, v = (lin(x).view(T, self.num_heads, self.head_dim)
+                       for lin in (self.query, self.key, self.value))  # (T, H, D)
+            out = kernels.attention_varlen(q, k, v, packing.cu_seqlens, packing.max_seqlen,
+                                           dropout_p=p)  # (T, H, D)
+            return out.reshape(T, -1)
         B, L, _ = x.shape
 
         def heads(t: torch.Tensor) -> torch.Tensor:  # (B, L, hidden) -> (B, H, L, D)
@@ -64,7 +110,7 @@ class BertSelfAttention(nn.Module):
 
         q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
         out = kernels.attention(q, k, v, key_padding_mask=key_padding_mask,
-                                dropout_p=self.dropout_p if self.training else 0.0)  # (B, H, L, D)
+                                dropout_p=p)  # (B, H, L, D)
         return out.transpose(1, 2).reshape(B, L, -1)
 
 
@@ -87,8 +133,9 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config)
         self.output = BertSelfOutput(config.hidden_size, config)
 
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
-        return self.output(self.self(x, key_padding_mask), residual=x)
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None,
+                packing: Packing | None = None) -> torch.Tensor:
+        return self.output(self.self(x, key_padding_mask, packing), residual=x)
 
 
 class BertIntermediate(nn.Module):
@@ -110,8 +157,10 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertSelfOutput(config.intermediate_size, config)
 
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
-        a = self.attention(x, key_padding_mask)
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None,
+                packing: Packing | None = None) -> torch.Tensor:
+        """x: (B, L, hidden), or (T, hidden) real-token rows given ``packing``."""
+        a = self.attention(x, key_padding_mask, packing)
         return self.output(self.intermediate(a), residual=a)
 
 
@@ -126,8 +175,8 @@ class BertPooler(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.dense(h[:, 0]))  # (B, hidden) from [CLS]
+    def forward(self, cls_rows: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(cls_rows))  # (B, hidden) from the (B, hidden) [CLS] rows
 
 
 class BertModel(nn.Module):
@@ -158,6 +207,7 @@ class BertModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        packing: Packing | None = None,
     ) -> BertOutput:
         """Encode a batch.
 
@@ -166,6 +216,9 @@ class BertModel(nn.Module):
             attention_mask: (B, L), 1/True for real tokens, 0/False for padding; None = no padding.
             token_type_ids: (B, L) segment ids; None = all zeros.
             output_hidden_states: also return the embeddings and every layer's output.
+            packing: ``Packing.from_mask(attention_mask)``, computed by the caller (e.g. on the
+                host by the data pipeline, so the forward reads nothing back from the device);
+                None: computed here when the model runs unpadded (one host read on a GPU).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
@@ -176,18 +229,28 @@ class BertModel(nn.Module):
         for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
             if t is not None and tuple(t.shape) != (B, L):
                 raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {(B, L)} like input_ids")
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
+        if packing is not None and (packing.batch, packing.length) != (B, L):
+            raise ValueError(f"packing describes a {(packing.batch, packing.length)} batch, "
+                             f"input_ids is {(B, L)}")
+        if packing is None and attention_mask is not None and self.config.unpad:
+            packing = Packing.from_mask(attention_mask)
+        if packing is not None and packing.total == B * L:  # no padding: no mask, nothing to pack
+            attention_mask, packing = None, None
+        if not self.config.unpad or (packing is not None and packing.total == 0):
+            packing = None  # padded (all-padding batches too: nothing to run on)
         key_padding_mask = None if attention_mask is None else attention_mask.to(torch.bool)
 
-        h = self.embeddings(input_ids, token_type_ids)
+        h = self.embeddings(input_ids, token_type_ids, packing)  # (B, L, hidden) or (T, hidden)
         states = [h] if output_hidden_states else None
         for layer in self.encoder.layer:
-            h = layer(h, key_padding_mask)
+            h = layer(h, key_padding_mask, packing)
             if states is not None:
                 states.append(h)
-        return BertOutput(last_hidden_state=h, pooler_output=self.pooler(h),
-                          hidden_states=tuple(states) if states is not None else None)
+        if packing is None:
+            return BertOutput(pooler_output=self.pooler(h[:, 0]), last_hidden_state=h,
+                              hidden_states=tuple(states) if states is not None else None)
+        return BertOutput(pooler_output=self.pooler(packing.first_rows(h)), packed=h, packing=packing,
+                          hidden_states=None if states is None else tuple(packing.unpack(x) for x in states))
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod

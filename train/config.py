@@ -32,6 +32,9 @@ class ModelConfig:
     hidden_dropout: float | None = None  # override the checkpoint's dropout (None = keep)
     attention_dropout: float | None = None
     head_dropout: float = 0.1  # dropout before each task head
+    # run the encoder on the real tokens only (BertConfig.unpad); None = the checkpoint's (true
+    # unless its config.json says otherwise)
+    unpad: bool | None = None
 
     def __post_init__(self):
         for name in ("hidden_dropout", "attention_dropout", "head_dropout"):
@@ -81,6 +84,20 @@ class TasksConfig:
 
 
 @dataclass
+class DataConfig:
+    # Length-grouped sampling (the HF Trainer's group_by_length): each pass over a task is
+    # shuffled, then sorted by token count within windows of ``group_window`` micro-batches, and
+    # the window's batches are served in a shuffled order. Helps the padded path (unpad off); the
+    # unpadded model wastes nothing on padding anyway. Resume and seeds work as without it.
+    group_by_length: bool = False
+    group_window: int = 50  # micro-batches per sorted window
+
+    def __post_init__(self):
+        if self.group_window < 1:
+            raise ConfigError(f"data.group_window must be >= 1, got {self.group_window}")
+
+
+@dataclass
 class ScheduleConfig:
     kind: Literal["sequential", "round_robin", "random", "proportional", "annealed", "superbatch"] = "annealed"
     alpha: float = 0.5  # proportional: P(task i) ~ n_i ** alpha
@@ -96,8 +113,9 @@ class ScheduleConfig:
 
 @dataclass
 class OptimConfig:
-    # kernels.FusedAdamW ("fused_adamw") or torch.optim.AdamW ("adamw"); "auto": fused on CUDA
-    # (on CPU the Triton optimizer only runs in the interpreter, a correctness tool)
+    # kernels.FusedAdamW ("fused_adamw") or torch.optim.AdamW ("adamw", torch's fused
+    # implementation on CPU and CUDA); "auto": kernels.FusedAdamW on CUDA, torch's on CPU (the
+    # Triton optimizer only runs in the interpreter there, a correctness tool)
     name: Literal["auto", "adamw", "fused_adamw"] = "auto"
     lr: float = 5e-5
     head_lr: float | None = None  # learning rate of the task heads (None = lr)
@@ -215,6 +233,7 @@ class TrainConfig:
     stop_check_every: int = 10
     model: ModelConfig = field(default_factory=ModelConfig)
     tasks: TasksConfig = field(default_factory=TasksConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)

@@ -13,10 +13,13 @@ runs with different world sizes but the same global batch see the same data.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
 import time
+from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,9 +33,10 @@ from . import pcgrad
 from .config import TrainConfig
 from .data import load_task
 from .export import save_multitask
-from .schedules import Schedule, TaskSampler
-from .stage import Stage, StepResult, TrainingError, build_encoder, build_optimizer  # noqa: F401
-from .tasks import encode_batch, metric, overall_score, predict
+from .schedules import Schedule
+from .stage import (Stage, TrainingError, build_encoder, build_optimizer, lr_lambda,  # noqa: F401
+                    param_groups)
+from .tasks import build_samplers, encode_batch, metric, overall_score, padded_tokens, predict
 
 
 def build_model(cfg: TrainConfig, checkpoint: str | Path | None = None) -> MultitaskBert:
@@ -45,8 +49,52 @@ def build_model(cfg: TrainConfig, checkpoint: str | Path | None = None) -> Multi
 
 
 # ----------------------------------------------------------------------------- the trainer
+@dataclass
+class StepResult:
+    """What ``Trainer.train_step`` returns (the skeleton's ``StepResult`` with the losses left
+    on the device)."""
+
+    step: int
+    tasks: list[str]
+    # (len(tasks),) this rank's mean loss per task, left on the device: ``Trainer._check_finite``
+    # reduces a window of steps over the ranks and reads it back once per logging interval
+    losses: torch.Tensor
+    examples: int  # examples in the step, all ranks
+    tokens: int  # real (non-padding) tokens in the step, this rank (a host count)
+    padded_tokens: int  # token slots in the step, padding included, this rank
+    seconds: float  # host time of the call (on a GPU the device may still be running it)
+
+
+class PhaseTimer:
+    """Wall time per phase of ``Trainer.train_step`` (data, forward, backward, optimizer), the
+    device synchronised at each boundary so the split is exact. A benchmark tool: training runs
+    without it (``Trainer.timer = None``), since the synchronisations cost time."""
+
+    PHASES = ("data", "forward", "backward", "optimizer")
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        self._sync()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.seconds[phase] += time.perf_counter() - t0
+
+
 class Trainer(Stage):
     """The multitask stage: ``Trainer(cfg, data, out, resume=...).fit()``."""
+
+    timer: PhaseTimer | None = None  # set by benchmarks to split the step's time into phases
 
     def __init__(self, cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path,
                  resume: str | Path | None = None, progress: bool = True,
@@ -64,13 +112,13 @@ class Trainer(Stage):
         self.tokenizer = Tokenizer.from_pretrained(cfg.model.checkpoint)
         self.schedule = Schedule(cfg.schedule, {t: len(d) for t, d in self.train_data.items()},
                                  cfg.deepspeed.global_batch, cfg.epochs, cfg.seed, cfg.steps_per_epoch)
-        self.samplers = {t: TaskSampler(len(self.train_data[t]), cfg.seed, i)
-                         for i, t in enumerate(self.tasks)}
+        self.samplers = build_samplers(cfg, self.train_data, self.tokenizer)
         self.total_steps, self.steps_per_epoch = self.schedule.total_steps, self.schedule.steps_per_epoch
         self.best_score = -math.inf
         self.history: list[dict] = []  # dev scores after each epoch
         self.step_losses: list[dict[str, float]] = []  # per step of this process's run
-        self._window: list[StepResult] = []  # the steps since the last log record
+        self._pending: list[StepResult] = []  # steps whose losses are still on the device
+        self._new_window()
 
         model = build_model(cfg, init_checkpoint)
         ds_config = cfg.deepspeed_config(self.world, str(self.out_dir / "monitor"),
@@ -94,73 +142,104 @@ class Trainer(Stage):
             raise TrainingError(f"{task} {split}: no usable examples in {loaded.path}")
         return examples
 
-    def _all_reduce_sum(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64)
+    def _all_reduce_sum(self, values: torch.Tensor | list[float]) -> torch.Tensor:
+        """Sum over the ranks, as float64 on the trainer's device (NCCL refuses CPU tensors);
+        the result stays there: the caller reads it back when it needs the numbers."""
+        t = torch.as_tensor(values).to(device=self.device, dtype=torch.float64)
         if self.world > 1:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t.tolist()
+        return t
 
     def _rank_slice(self, indices: list[int]) -> list[int]:
         per_rank = len(indices) // self.world
         return indices[self.rank * per_rank:(self.rank + 1) * per_rank]
 
-    def _micro_batches(self, task: str) -> list[list]:
-        """This rank's micro-batches of ``task`` for the current step."""
+    def _micro_batches(self, task: str) -> list[tuple[dict, torch.Tensor, int]]:
+        """This rank's micro-batches of ``task`` for the current step, tokenised and on the
+        device: (model keyword arguments with the host-computed packing, labels, real tokens)."""
         mine = self._rank_slice(self.samplers[task].take(self.cfg.deepspeed.global_batch))
         m = len(mine) // self.accum
         examples = self.train_data[task]
-        return [[examples[i] for i in mine[j * m:(j + 1) * m]] for j in range(self.accum)]
-
-    def _forward_loss(self, task: str, examples: list) -> tuple[torch.Tensor, int]:
         tc = getattr(self.cfg.tasks, task)
-        kwargs, labels, tokens = encode_batch(self.tokenizer, task, examples, tc.form, tc.max_length,
-                                              self.device)
-        prediction = self.engine(task, **kwargs)
-        return MultitaskBert.loss(task, prediction, labels), tokens
+        return [encode_batch(self.tokenizer, task, [examples[i] for i in mine[j * m:(j + 1) * m]],
+                             tc.form, tc.max_length, self.device) for j in range(self.accum)]
 
-    def _check_finite(self, losses: dict[str, torch.Tensor]) -> list[float]:
-        """Sum the losses over ranks (for logging) and stop every rank on a non-finite one."""
-        values = self._all_reduce_sum([float(v.detach()) for v in losses.values()])
-        for task, v in zip(losses, values):
-            if not math.isfinite(v):
-                latest = self.latest_checkpoint()
-                raise TrainingError(
-                    f"non-finite loss ({v}) at step {self.step + 1} on task {task!r}; stopping. The last "
-                    f"good checkpoint is {latest if latest else 'none (no checkpoint saved yet)'}")
-        return values
+    def _forward_loss(self, task: str, batch: tuple[dict, torch.Tensor, int]) -> torch.Tensor:
+        kwargs, labels, _ = batch
+        return MultitaskBert.loss(task, self.engine(task, **kwargs), labels)
+
+    def _phase(self, name: str):
+        return contextlib.nullcontext() if self.timer is None else self.timer(name)
+
+    def _check_finite(self, results: list[StepResult]) -> tuple[list[dict[str, float]], int]:
+        """Reduce a window of steps over the ranks (one collective, one read back to the host):
+        each step's mean loss per task, and the real tokens of the window. Stops every rank,
+        naming the first step and task whose loss is NaN/inf.
+
+        The losses are checked here, at the logging interval (and before every checkpoint), not
+        after each micro-batch: the step never waits on the host. The price: a non-finite loss
+        is detected up to ``log_every - 1`` steps after the step that produced it, and those
+        steps' updates have been applied; the error names the step where it happened, and no
+        checkpoint is written from weights that were not checked.
+        """
+        if not results:
+            return [], 0
+        local = torch.cat([r.losses.detach().to(torch.float64) for r in results]
+                          + [torch.tensor([float(sum(r.tokens for r in results))], dtype=torch.float64)
+                             .to(self.device, non_blocking=True)])
+        values = self._all_reduce_sum(local).tolist()  # the one host read
+        losses, i = [], 0
+        for r in results:
+            step = {}
+            for t in r.tasks:
+                v = values[i] / self.world
+                i += 1
+                if not math.isfinite(v):
+                    latest = self.latest_checkpoint()
+                    seen = f" (seen at step {self.step})" if r.step != self.step else ""
+                    raise TrainingError(
+                        f"non-finite loss ({v}) at step {r.step} on task {t!r}{seen}; stopping. "
+                        f"The last good checkpoint is "
+                        f"{latest if latest else 'none (no checkpoint saved yet)'}")
+                step[t] = v
+            losses.append(step)
+        return losses, int(round(values[-1]))
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> StepResult:
+        """One optimizer step. Nothing in it reads a value back from the device: the losses
+        stay there (``StepResult.losses``) until ``_check_finite`` reads a window of them."""
         t0 = time.perf_counter()
         self.engine.train()
         tasks = self.schedule.tasks_for_step(self.step)
-        micro = {t: self._micro_batches(t) for t in tasks}
-        loss_sums = dict.fromkeys(tasks, 0.0)
-        tokens = 0
+        with self._phase("data"):
+            micro = {t: self._micro_batches(t) for t in tasks}
+        tokens = sum(b[2] for t in tasks for b in micro[t])
+        slots = sum(padded_tokens(b[0]) for t in tasks for b in micro[t])
         if self.cfg.pcgrad:
-            loss_sums, tokens = self._pcgrad_step(tasks, micro)
+            losses = self._pcgrad_step(tasks, micro)
         else:
             weighted = self.cfg.schedule.superbatch_reduce == "weighted"
+            parts = []
             for j in range(self.accum):
-                losses = {}
-                for t in tasks:
-                    losses[t], n_tok = self._forward_loss(t, micro[t][j])
-                    tokens += n_tok
-                reduced = self._check_finite(losses)
-                for t, v in zip(tasks, reduced):
-                    loss_sums[t] += v / self.world / self.accum
-                total = sum((getattr(self.cfg.tasks, t).weight if weighted else 1.0) * losses[t]
-                            for t in tasks)
-                self.engine.backward(total)
-                self.engine.step()
-        tokens = int(self._all_reduce_sum([tokens])[0])
+                with self._phase("forward"):
+                    losses_j = [self._forward_loss(t, micro[t][j]) for t in tasks]
+                    total = sum((getattr(self.cfg.tasks, t).weight if weighted else 1.0) * loss
+                                for t, loss in zip(tasks, losses_j))
+                with self._phase("backward"):
+                    self.engine.backward(total)
+                with self._phase("optimizer"):
+                    self.engine.step()
+                parts.append(torch.stack([loss.detach() for loss in losses_j]))
+            losses = torch.stack(parts).mean(0)  # (len(tasks),) mean over the micro-batches
         self.step += 1
-        return StepResult(self.step, loss_sums, self.cfg.deepspeed.global_batch * len(tasks), tokens,
-                          time.perf_counter() - t0)
+        return StepResult(self.step, list(tasks), losses, self.cfg.deepspeed.global_batch * len(tasks),
+                          tokens, slots, time.perf_counter() - t0)
 
-    def _pcgrad_step(self, tasks: list[str], micro: dict) -> tuple[dict[str, float], int]:
+    def _pcgrad_step(self, tasks: list[str], micro: dict) -> torch.Tensor:
         """Per-task gradients (summed over this rank's micro-batches), averaged over ranks,
-        projected, and fed to DeepSpeed as one backward (its accumulation is 1 under PCGrad)."""
+        projected, and fed to DeepSpeed as one backward (its accumulation is 1 under PCGrad).
+        Returns this rank's mean loss per task, on the device."""
         weighted = self.cfg.schedule.superbatch_reduce == "weighted"
         module = self.engine.module
         # Per-task gradients are taken w.r.t. storage-sharing aliases of the parameters, through
@@ -168,29 +247,30 @@ class Trainer(Stage):
         # the one backward it is given below.
         names = [n for n, p in module.named_parameters() if p.requires_grad]
         aliases = {n: p.detach().requires_grad_() for n, p in module.named_parameters() if p.requires_grad}
-        grads, loss_sums, tokens = [], {}, 0
+        grads, losses = [], []
         for t in tasks:
             g = None
-            total = 0.0
             tc = getattr(self.cfg.tasks, t)
+            task_losses = []
             for j in range(self.accum):
-                kwargs, labels, n_tok = encode_batch(self.tokenizer, t, micro[t][j], tc.form,
-                                                     tc.max_length, self.device)
-                prediction = torch.func.functional_call(module, aliases, (t,), kwargs)
-                loss = MultitaskBert.loss(t, prediction, labels)
-                tokens += n_tok
-                value = self._check_finite({t: loss})[0]
-                total += value / self.world / self.accum
+                kwargs, labels, _ = micro[t][j]
+                with self._phase("forward"):
+                    prediction = torch.func.functional_call(module, aliases, (t,), kwargs)
+                    loss = MultitaskBert.loss(t, prediction, labels)
+                task_losses.append(loss.detach())
                 w = (tc.weight if weighted else 1.0) / self.accum
-                gj = pcgrad.flat_grad(w * loss, [aliases[n] for n in names])
+                with self._phase("backward"):
+                    gj = pcgrad.flat_grad(w * loss, [aliases[n] for n in names])
                 g = gj if g is None else g + gj
             grads.append(g)
-            loss_sums[t] = total
-        stacked = pcgrad.all_reduce_mean(torch.stack(grads))
-        combined = pcgrad.project(stacked, order_seed=self.cfg.seed * 1_000_003 + self.step)
-        self.engine.backward(pcgrad.surrogate_loss(self.params, combined))
-        self.engine.step()
-        return loss_sums, tokens
+            losses.append(torch.stack(task_losses).mean())
+        with self._phase("backward"):
+            stacked = pcgrad.all_reduce_mean(torch.stack(grads))
+            combined = pcgrad.project(stacked, order_seed=self.cfg.seed * 1_000_003 + self.step)
+            self.engine.backward(pcgrad.surrogate_loss(self.params, combined))
+        with self._phase("optimizer"):
+            self.engine.step()
+        return torch.stack(losses)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, float]:
@@ -205,29 +285,52 @@ class Trainer(Stage):
         return scores
 
     # ------------------------------------------------------------------ the skeleton's hooks
+    def _new_window(self) -> None:
+        # since the last log line: examples, real tokens, training seconds (evaluation excluded)
+        self._window = {"examples": 0, "tokens": 0, "seconds": 0.0, "start": time.perf_counter()}
+
+    def _read_losses(self) -> list[dict[str, float]]:
+        """Reduce and check the pending steps (``_check_finite``: one collective, one host read),
+        record their losses in ``step_losses`` and their examples and tokens in the log window."""
+        if not self._pending:
+            return self.step_losses[-1:]
+        losses, tokens = self._check_finite(self._pending)
+        self.step_losses.extend(losses)
+        self._window["examples"] += sum(r.examples for r in self._pending)
+        self._window["tokens"] += tokens
+        self._pending.clear()
+        return losses
+
     def after_step(self, result: StepResult, bar) -> None:
+        """Keep the step's losses on the device; read (and check) them once per ``log_every``."""
         cfg = self.cfg
-        self.step_losses.append(result.losses)
-        self._window.append(result)
-        lr = self.scheduler.get_last_lr()[0]
-        secs = sum(r.seconds for r in self._window)
-        samples_s = sum(r.examples for r in self._window) / max(secs, 1e-9)
-        bar.set_postfix(loss=f"{sum(result.losses.values()):.4f}", task="+".join(result.losses),
-                        samples_s=f"{samples_s:.1f}")
+        self._pending.append(result)
         if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+            losses = self._read_losses()[-1]
+            lr = self.scheduler.get_last_lr()[0]
+            w = self._window
+            secs = max(w["seconds"] + time.perf_counter() - w["start"], 1e-9)
+            samples_s, tokens_s = w["examples"] / secs, w["tokens"] / secs
+            bar.set_postfix(loss=f"{sum(losses.values()):.4f}", task="+".join(losses),
+                            samples_s=f"{samples_s:.1f}")
             record = {"step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch + 1,
-                      "loss": result.losses, "lr": lr, "samples_per_s": samples_s,
-                      "tokens_per_s": sum(r.tokens for r in self._window) / max(secs, 1e-9)}
+                      "loss": losses, "lr": lr, "samples_per_s": samples_s, "tokens_per_s": tokens_s}
             self.log(record)
             monitor = getattr(self.engine, "monitor", None)
             if monitor is not None and monitor.enabled and self.is_main:
-                events = [(f"Train/loss_{t}", v, self.step) for t, v in result.losses.items()]
+                events = [(f"Train/loss_{t}", v, self.step) for t, v in losses.items()]
                 events += [("Train/lr", lr, self.step), ("Train/samples_per_s", samples_s, self.step)]
                 monitor.write_events(events)
-            self._window = []
+            self._new_window()
+
+    def before_save(self) -> None:
+        """No checkpoint is written from weights whose losses were not checked."""
+        self._read_losses()
 
     def end_of_epoch(self, bar) -> None:
         epoch = self.step // self.steps_per_epoch
+        self._read_losses()  # checked before the export and the checkpoint
+        self._window["seconds"] += time.perf_counter() - self._window["start"]
         scores = self.evaluate()
         record = {"epoch": epoch, "step": self.step, "dev": scores}
         self.history.append(record)
@@ -237,6 +340,7 @@ class Trainer(Stage):
         if scores["overall"] > self.best_score:
             self.best_score = scores["overall"]
             self.export(self.out_dir / "best", scores)
+        self._window["start"] = time.perf_counter()
 
     def state_dict(self) -> dict:
         return {"best_score": self.best_score, "history": self.history,

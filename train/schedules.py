@@ -25,22 +25,52 @@ import numpy as np
 from .config import ScheduleConfig
 
 
+def group_by_length(perm: np.ndarray, lengths: np.ndarray, batch: int, window: int,
+                    rng: np.random.Generator) -> np.ndarray:
+    """``perm`` cut into windows of ``window`` batches of ``batch`` indices; each window sorted by
+    length (longest first), cut into batches, and its full batches served in a random order
+    (a last partial batch stays last, so later batches keep their boundaries)."""
+    out = []
+    span = window * batch
+    for start in range(0, len(perm), span):
+        chunk = perm[start:start + span]
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        full = len(chunk) // batch
+        order = rng.permutation(full)
+        out.extend(chunk[k * batch:(k + 1) * batch] for k in order)
+        out.append(chunk[full * batch:])
+    return np.concatenate(out) if out else perm
+
+
 class TaskSampler:
     """Endless stream of example indices of one task: a fresh permutation each pass over the data.
 
     The permutation of pass ``e`` depends only on (seed, task_index, e), so the state is just
-    ``(pass, cursor)``.
+    ``(pass, cursor)``. With ``lengths`` (one per example) each pass is length-grouped
+    (``group_by_length``: windows of ``window`` batches of ``batch``), a function of the same
+    permutation, so the state stays ``(pass, cursor)``.
     """
 
-    def __init__(self, size: int, seed: int, task_index: int):
+    def __init__(self, size: int, seed: int, task_index: int, lengths: np.ndarray | None = None,
+                 batch: int = 1, window: int = 50):
         if size < 1:
             raise ValueError("a task needs at least one training example")
+        if lengths is not None and len(lengths) != size:
+            raise ValueError(f"lengths has {len(lengths)} entries for {size} examples")
+        if batch < 1 or window < 1:
+            raise ValueError(f"batch ({batch}) and window ({window}) must be >= 1")
         self.size, self.seed, self.task_index = size, seed, task_index
+        self.lengths = None if lengths is None else np.asarray(lengths)
+        self.batch, self.window = batch, window
         self.epoch, self.cursor = 0, 0
         self._perm = self._permutation(0)
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, self.task_index, epoch]).permutation(self.size)
+        perm = np.random.default_rng([self.seed, self.task_index, epoch]).permutation(self.size)
+        if self.lengths is None:
+            return perm
+        rng = np.random.default_rng([self.seed, self.task_index, epoch, 1])
+        return group_by_length(perm, self.lengths, self.batch, self.window, rng)
 
     def take(self, k: int) -> list[int]:
         out: list[int] = []

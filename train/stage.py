@@ -209,26 +209,36 @@ def build_encoder(cfg: TrainConfig, checkpoint: str | Path | None = None) -> Ber
         changes["hidden_dropout_prob"] = cfg.model.hidden_dropout
     if cfg.model.attention_dropout is not None:
         changes["attention_probs_dropout_prob"] = cfg.model.attention_dropout
+    if cfg.model.unpad is not None:
+        changes["unpad"] = cfg.model.unpad
     return BertModel.from_pretrained(checkpoint if checkpoint is not None else cfg.model.checkpoint,
                                      config_changes=changes)
 
 
-def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, lr: float | None = None,
-                    offload: bool = False) -> torch.optim.Optimizer:
-    """AdamW with no weight decay on biases and LayerNorm weights; heads may have their own lr.
-    ``lr``: the encoder's learning rate instead of ``cfg.optim.lr`` (the SimCSE stage's).
-    ``offload``: the optimizer runs on the CPU (ZeRO-Offload): DeepSpeed's vectorised CPU Adam
-    for ``optim.name`` "auto", torch's AdamW for "adamw"."""
+def param_groups(cfg: TrainConfig, model: torch.nn.Module, lr: float | None = None) -> list[dict]:
+    """The optimizer's parameter groups: no weight decay on biases and LayerNorm weights; the
+    heads at ``optim.head_lr``; the encoder at ``lr`` (default ``optim.lr``)."""
     o = cfg.optim
-    if lr is not None:
-        o = dataclasses.replace(o, lr=lr)
+    lr = o.lr if lr is None else lr
     groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         no_decay = name.endswith("bias") or "LayerNorm" in name
         groups.setdefault((name.startswith("heads."), no_decay), []).append(p)
-    param_groups = [{"params": ps, "weight_decay": 0.0 if no_decay else o.weight_decay,
-                     "lr": (o.head_lr or o.lr) if is_head else o.lr}
-                    for (is_head, no_decay), ps in sorted(groups.items())]
+    return [{"params": ps, "weight_decay": 0.0 if no_decay else o.weight_decay,
+             "lr": (o.head_lr or lr) if is_head else lr}
+            for (is_head, no_decay), ps in sorted(groups.items())]
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, lr: float | None = None,
+                    offload: bool = False) -> torch.optim.Optimizer:
+    """AdamW over ``param_groups``. ``lr``: the encoder's learning rate instead of
+    ``cfg.optim.lr`` (the SimCSE stage's). ``offload``: the optimizer runs on the CPU
+    (ZeRO-Offload): DeepSpeed's vectorised CPU Adam for ``optim.name`` "auto", torch's AdamW for
+    "adamw"."""
+    o = cfg.optim
+    if lr is not None:
+        o = dataclasses.replace(o, lr=lr)
+    groups = param_groups(cfg, model, lr)
     name = o.name
     if offload:
         if name == "fused_adamw":
@@ -237,15 +247,20 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, lr: float | None =
         if name == "auto":
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-            return DeepSpeedCPUAdam(param_groups, lr=o.lr, betas=o.betas, eps=o.eps, adamw_mode=True)
-        return torch.optim.AdamW(param_groups, lr=o.lr, betas=o.betas, eps=o.eps)
+            return DeepSpeedCPUAdam(groups, lr=o.lr, betas=o.betas, eps=o.eps, adamw_mode=True)
+        return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
     if name == "auto":
         name = "fused_adamw" if torch.cuda.is_available() else "adamw"
     if name == "fused_adamw":
         # Clipping and the bf16 master weights are DeepSpeed's (it hands the optimizer fp32
         # partitions and clips by deepspeed.gradient_clipping), so they stay off here.
-        return kernels.FusedAdamW(param_groups, lr=o.lr, betas=o.betas, eps=o.eps)
-    return torch.optim.AdamW(param_groups, lr=o.lr, betas=o.betas, eps=o.eps)
+        return kernels.FusedAdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
+    # torch's fused AdamW: the same update as its default per-tensor loop in one pass over each
+    # tensor (on CPU several times faster over the flat ZeRO partitions DeepSpeed hands it)
+    from deepspeed.accelerator import get_accelerator
+
+    fused = get_accelerator().device_name() in ("cpu", "cuda")
+    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=fused)
 
 
 def lr_lambda(cfg: TrainConfig, total_steps: int, warmup_ratio: float | None = None):
@@ -448,6 +463,7 @@ class Stage:
         path = root / tag_for(self.step)
         if self._saved_step == self.step:
             return path
+        self.before_save()
         if self.is_main:
             if path.exists():  # left by an interrupted save, or by a timeline resumed earlier
                 shutil.rmtree(path)
@@ -552,6 +568,9 @@ class Stage:
 
     def after_step(self, result: StepResult, bar) -> None:
         """Log the step (and show it on the bar)."""
+
+    def before_save(self) -> None:
+        """Called before every checkpoint is written (e.g. to check values kept on the device)."""
 
     def end_of_epoch(self, bar) -> None:
         """Evaluate, export; the skeleton saves a checkpoint after it."""

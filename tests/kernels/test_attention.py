@@ -330,7 +330,8 @@ def test_minbert_embedded_checkpoint_triton_matches_eager():
     """
     import minbert
 
-    model = minbert.BertModel.from_pretrained().eval().to(DEVICE)
+    # padded: this test is about the padded kernel (the unpadded model runs attention_varlen)
+    model = minbert.BertModel.from_pretrained(config_changes={"unpad": False}).eval().to(DEVICE)
     tok = minbert.Tokenizer.from_pretrained()
     enc = tok(["the quick brown fox jumps over the lazy dog near the river bank",
                "a short padded one"])

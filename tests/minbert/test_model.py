@@ -31,6 +31,11 @@ def ours():
 
 
 @pytest.fixture(scope="module")
+def ours_padded():
+    return BertModel.from_pretrained(config_changes={"unpad": False}).eval()
+
+
+@pytest.fixture(scope="module")
 def real_batches(data_dir):
     """Padded batches of real sentences: SST singles and Quora pairs (token types 0/1)."""
     tok = Tokenizer.from_pretrained()
@@ -40,24 +45,34 @@ def real_batches(data_dir):
 
 
 @pytest.mark.parametrize("which", [0, 1], ids=["sst-single", "quora-pairs"])
-def test_forward_parity_with_transformers(ours, hf_model, real_batches, which):
+@pytest.mark.parametrize("unpad", [True, False], ids=["unpadded", "padded"])
+def test_forward_parity_with_transformers(ours, ours_padded, hf_model, real_batches, which, unpad):
     batch = real_batches[which]
+    model = ours if unpad else ours_padded
+    assert model.config.unpad is unpad
     assert (batch.attention_mask == 0).any(), "the batch must contain padding"
     with kernels.use_backend("eager"), torch.no_grad():
-        a = ours(batch.input_ids, batch.attention_mask, batch.token_type_ids, output_hidden_states=True)
+        a = model(batch.input_ids, batch.attention_mask, batch.token_type_ids, output_hidden_states=True)
         b = hf_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                      token_type_ids=batch.token_type_ids, output_hidden_states=True)
-    assert (a.last_hidden_state - b.last_hidden_state).abs().max().item() <= 1e-5
-    assert (a.pooler_output - b.pooler_output).abs().max().item() <= 1e-5
-    assert len(a.hidden_states) == ours.config.num_hidden_layers + 1
+    assert (a.packed is not None) is unpad  # padding present: unpadded exactly when asked
     real = batch.attention_mask.bool()
+    if unpad:  # the padding rows are zeros, the real tokens equal transformers'
+        assert a.packed.shape == (int(real.sum()), model.config.hidden_size)
+        assert (a.last_hidden_state[~real] == 0).all()
+        assert (a.last_hidden_state - b.last_hidden_state)[real].abs().max().item() <= 1e-5
+    else:  # padded: every position equals transformers', padding included
+        assert (a.last_hidden_state - b.last_hidden_state).abs().max().item() <= 1e-5
+    assert (a.pooler_output - b.pooler_output).abs().max().item() <= 1e-5
+    assert len(a.hidden_states) == model.config.num_hidden_layers + 1
     for ha, hb in zip(a.hidden_states, b.hidden_states):  # every layer, at the real tokens
         assert (ha - hb)[real].abs().max().item() <= 1e-5
 
 
-def test_gradient_parity_with_transformers(embedded_dir, real_batches):
+@pytest.mark.parametrize("unpad", [True, False], ids=["unpadded", "padded"])
+def test_gradient_parity_with_transformers(embedded_dir, real_batches, unpad):
     batch = real_batches[1]
-    ours = BertModel.from_pretrained().eval()
+    ours = BertModel.from_pretrained(config_changes={"unpad": unpad}).eval()
     hf = transformers.BertModel.from_pretrained(str(embedded_dir), attn_implementation="eager").eval()
     g = torch.Generator().manual_seed(0)
     w_tok = torch.randn(ours.config.hidden_size, generator=g)

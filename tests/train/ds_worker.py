@@ -60,6 +60,9 @@ def scenarios(checkpoint: str, world: int) -> dict[str, dict]:
     return {
         **{f"zero{s}": base(checkpoint, **{"deepspeed.zero_stage": s,
                                           "deepspeed.micro_batch_per_device": micro}) for s in (0, 1, 2)},
+        # the padded encoder (BertConfig.unpad off) on the same batches as zero2 (unpadded)
+        "zero2-padded": base(checkpoint, **{"deepspeed.micro_batch_per_device": micro,
+                                            "model.unpad": False}),
         "zero2-fused": base(checkpoint, **{"deepspeed.micro_batch_per_device": micro,
                                            "optim.name": "fused_adamw"}),
         "pcgrad": base(checkpoint, pcgrad=True, **{"schedule.kind": "superbatch",
@@ -355,7 +358,9 @@ def main() -> int:
             results[name] = SCENARIO_RUNNERS[name](table, args.data, out / name)
             continue
         if name == "nan":  # a loss that turns NaN after a checkpoint: a clear stop, checkpoint kept
-            trainer = Trainer(from_dict(TrainConfig, table["zero2"]), args.data, out / name, progress=False)
+            # losses read every 4 steps: the NaN of step 2 is seen at step 4, named as step 2's
+            cfg = from_dict(TrainConfig, dict(table["zero2"], log_every=4))
+            trainer = Trainer(cfg, args.data, out / name, progress=False)
             trainer.fit(stop_after=1)
             real_loss = MultitaskBert.loss
             MultitaskBert.loss = staticmethod(lambda task, p, y: real_loss(task, p, y) * float("nan"))
@@ -390,7 +395,8 @@ def main() -> int:
             continue
         trainer = Trainer(from_dict(TrainConfig, table[name]), args.data, out / name, progress=False)
         trainer.fit()
-        results[name] = {"losses": trainer.step_losses, "history": trainer.history}
+        results[name] = {"losses": trainer.step_losses, "history": trainer.history,
+                         "unpad": trainer.engine.module.bert.config.unpad}
     if int(os.environ.get("RANK", 0)) == 0:
         (out / "results.json").write_text(json.dumps(results, indent=2))
     return 0

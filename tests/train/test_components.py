@@ -87,6 +87,127 @@ def test_sampler_passes_cover_every_example_and_resume():
     assert t.take(12) == rest
 
 
+def _grouped(size=1000, batch=8, window=5, seed=3):
+    lengths = np.random.default_rng(9).integers(3, 64, size)
+    return TaskSampler(size, seed, 1, lengths, batch, window), TaskSampler(size, seed, 1), lengths
+
+
+def test_length_grouped_sampler_reorders_within_windows_only():
+    grouped, plain, lengths = _grouped()
+    batch, span = 8, 40  # window of 5 batches
+    g, p = grouped.take(1000), plain.take(1000)
+    assert sorted(g) == list(range(1000))  # every example once per pass
+    for start in range(0, 1000, span):  # each window: the plain permutation's examples, regrouped
+        assert sorted(g[start:start + span]) == sorted(p[start:start + span])
+        batches = [g[b:b + batch] for b in range(start, min(start + span, 1000), batch)]
+        bounds = sorted((lengths[b].min(), lengths[b].max()) for b in batches)
+        # the window is sorted: the batches' length ranges do not interleave
+        assert all(hi_a <= lo_b for (_, hi_a), (lo_b, _) in zip(bounds, bounds[1:]))
+    # batches hold similar lengths: much less padding than random batches
+    waste = lambda order: sum(lengths[order[b:b + batch]].max() * batch - lengths[order[b:b + batch]].sum()
+                              for b in range(0, 1000, batch))
+    assert waste(g) < 0.3 * waste(p)
+    # the batch order within a window is shuffled, not always longest first
+    firsts = [lengths[g[s:s + batch]].max() for s in range(0, 1000, span)]
+    maxes = [lengths[g[s:s + span]].max() for s in range(0, 1000, span)]
+    assert any(f < m for f, m in zip(firsts, maxes))
+
+
+def test_length_grouped_sampler_is_seeded_and_resumes():
+    a, _, _ = _grouped()
+    b, _, _ = _grouped()
+    assert a.take(1500) == b.take(1500)  # crosses into the second pass
+    c, _, _ = _grouped(seed=4)
+    assert a.take(100) != c.take(100)
+    a.take(37)
+    state = a.state_dict()
+    rest = a.take(900)
+    d, _, _ = _grouped()
+    d.load_state_dict(state)
+    assert d.take(900) == rest
+    with pytest.raises(ValueError, match="lengths has 3 entries for 10 examples"):
+        TaskSampler(10, 0, 0, np.ones(3))
+
+
+def test_build_samplers_groups_by_token_length(data_dir):
+    from minbert import Tokenizer
+    from train.data import load_task
+    from train.tasks import build_samplers
+
+    cfg = from_dict(TrainConfig, {"data": {"group_by_length": True, "group_window": 4},
+                                  "deepspeed": {"global_batch": 16, "micro_batch_per_device": 8}})
+    data = {t: load_task(t, "dev", data_dir, warn=False).examples[:200] for t in ("sst", "quora")}
+    samplers = build_samplers(cfg, data, Tokenizer.from_pretrained())
+    s = samplers["quora"]
+    assert s.lengths is not None and s.window == 2 and s.batch == 16  # 4 micro-batches of 8
+    tok = Tokenizer.from_pretrained()
+    e = data["quora"][0]
+    assert s.lengths[0] == int(tok([e.sentence1], [e.sentence2], max_length=128).attention_mask.sum())
+    assert build_samplers(from_dict(TrainConfig, {}), data, tok)["sst"].lengths is None
+    with pytest.raises(ConfigError, match="data.group_window must be >= 1"):
+        from_dict(TrainConfig, {"data": {"group_window": 0}})
+
+
+# ----------------------------------------------------------------------------- the train step's reads
+def _bare_trainer(tmp_path, device="cpu", world=1):
+    """A Trainer without DeepSpeed: only what the reductions use."""
+    from train.loop import Trainer
+
+    t = Trainer.__new__(Trainer)
+    t.device, t.world, t.rank, t.out_dir, t.step = torch.device(device), world, 0, tmp_path, 0
+    return t
+
+
+def test_collectives_run_on_the_trainers_device(tmp_path, monkeypatch):
+    """NCCL takes device tensors only: every collective of the trainer gets its tensor on the
+    trainer's device ('meta' here, so a CPU tensor cannot pass by accident)."""
+    import torch.distributed as dist
+
+    from train import tasks
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_all_reduce(t, op=None):
+        seen.append(("all_reduce", t.device))
+
+    def fake_all_gather(parts, t):
+        seen.append(("all_gather", t.device))
+        raise Stop  # 'meta' tensors cannot be read back; the device is what is checked
+
+    monkeypatch.setattr(dist, "all_reduce", fake_all_reduce)
+    monkeypatch.setattr(dist, "all_gather", fake_all_gather)
+    trainer = _bare_trainer(tmp_path, "meta", world=2)
+    trainer._all_reduce_sum([1.0, 2.0])
+    trainer._all_reduce_sum(torch.ones(3))  # a CPU tensor is moved first
+    trainer._all_reduce_sum(torch.ones(3, device="meta"))
+    monkeypatch.setattr(tasks, "_world", lambda: (0, 2))
+    with pytest.raises(Stop):
+        tasks.sharded_map(lambda batch: torch.zeros(len(batch), device="meta"), list(range(5)), 2,
+                          lambda i: i, device=torch.device("meta"))
+    assert seen == [("all_reduce", torch.device("meta"))] * 3 + [("all_gather", torch.device("meta"))]
+
+
+def test_a_window_of_losses_is_reduced_and_a_late_nan_names_its_step(tmp_path):
+    from train.loop import StepResult, TrainingError
+
+    trainer = _bare_trainer(tmp_path)
+    steps = [StepResult(3, ["sst"], torch.tensor([0.5]), 32, 100, 160, 0.1),
+             StepResult(4, ["quora", "sts"], torch.tensor([0.25, 2.0]), 64, 300, 400, 0.1)]
+    trainer.step = 4
+    losses, tokens = trainer._check_finite(steps)
+    assert losses == [{"sst": 0.5}, {"quora": 0.25, "sts": 2.0}] and tokens == 400
+    steps.append(StepResult(5, ["sts"], torch.tensor([1.0]), 32, 10, 20, 0.1))
+    steps[1].losses[1] = float("nan")  # step 4's sts loss; the window is read at step 6
+    trainer.step = 6
+    with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at step 4 on task 'sts' "
+                                            r"\(seen at step 6\); stopping\. The last good checkpoint "
+                                            r"is none"):
+        trainer._check_finite(steps)
+
+
 @pytest.mark.parametrize("kind", ["sequential", "round_robin", "random", "proportional", "annealed",
                                   "superbatch"])
 def test_schedules_are_deterministic(kind):

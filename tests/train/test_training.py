@@ -27,9 +27,9 @@ from train.data import load_task
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = REPO / "tests" / "train" / "ds_worker.py"
-TWO_RANK_SCENARIOS = ("zero0,zero1,zero2,zero2-fused,pcgrad,fp32,fp32-resume,learn,nan,interrupted-save,"
-                      "simcse-sup,simcse-unsup,sigterm,truncated,simcse-resume,offload,simcse-sup-fp32,"
-                      "kernels-eager,kernels-triton")
+TWO_RANK_SCENARIOS = ("zero0,zero1,zero2,zero2-padded,zero2-fused,pcgrad,fp32,fp32-resume,learn,nan,"
+                      "interrupted-save,simcse-sup,simcse-unsup,sigterm,truncated,simcse-resume,offload,"
+                      "simcse-sup-fp32,kernels-eager,kernels-triton")
 ONE_PROC_SCENARIOS = "zero2,pcgrad,simcse-sup,simcse-sup-fp32"
 
 
@@ -115,6 +115,16 @@ def test_zero_stage_on_two_ranks_matches_one_process(results, stage):
     _assert_losses_close(two[:1], one[:1], 2e-3)
 
 
+def test_unpadded_training_matches_padded(results):
+    """The default (unpadded) encoder trains like the padded one, step by step, on 2 ranks; the
+    one-process comparison above runs unpadded too."""
+    unpadded, padded = results["two"]["zero2"], results["two"]["zero2-padded"]
+    assert unpadded["unpad"] is True and padded["unpad"] is False
+    assert results["one"]["zero2"]["unpad"] is True
+    _assert_losses_close(unpadded["losses"], padded["losses"], BF16_REL)
+    _assert_losses_close(unpadded["losses"][:1], padded["losses"][:1], 2e-3)
+
+
 def test_fused_adamw_under_zero2_bf16_matches_torch_adamw(results):
     """kernels.FusedAdamW as DeepSpeed's client optimizer (fp32 partitions) trains like AdamW."""
     _assert_losses_close(results["two"]["zero2-fused"]["losses"], results["two"]["zero2"]["losses"],
@@ -198,7 +208,7 @@ def test_zero2_bf16_training_loss_falls(results):
 def test_non_finite_loss_stops_with_step_task_and_checkpoint(results):
     r = results["two"]["nan"]
     assert r["error"] is not None
-    assert "non-finite loss (nan) at step 2 on task 'quora'" in r["error"]
+    assert "non-finite loss (nan) at step 2 on task 'quora' (seen at step 4)" in r["error"]
     assert r["latest"].endswith("step0000001") and r["latest"] in r["error"]
 
 
