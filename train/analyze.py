@@ -21,6 +21,7 @@ most confidently wrong examples per task. Writes ``errors.json`` beside the PNGs
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 from pathlib import Path
@@ -83,8 +84,6 @@ def load_encoder(checkpoint: str | Path | None):
         path = path / "best"
     spec, train_config = None, {}
     if (path / "multitask.json").is_file():
-        import json
-
         meta = json.loads((path / "multitask.json").read_text())
         spec = MultitaskSpec.from_dict(meta["spec"])
         train_config = meta.get("train_config", {})
@@ -223,14 +222,19 @@ def layers(checkpoint, data_dir: Path, out_dir: Path, tasks: list[str], epochs: 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     xs = list(range(n_layers + 1))
     for task, r in result["tasks"].items():
-        ax.plot(xs, r["scores"], marker="o", label=f"{TASK_LABELS[task]} (n={r['eval_examples']})")
+        probe = r["probe"]
+        kind = "sentence" if task == "sst" else probe["form"] + ("" if probe["form"] == "cross" else f" {probe['head']}")
+        ax.plot(xs, r["scores"], marker="o",
+                label=f"{TASK_LABELS[task]} ({kind}, {probe['pooling']} pooling; n={r['eval_examples']})")
     ax.set_xticks(xs, ["emb"] + [str(i) for i in range(1, n_layers + 1)])
     ax.set_xlabel("layer (frozen encoder)")
     ax.set_ylabel("dev score of the layer's probe")
-    result["title"] = f"Layer utility: {Path(path).name} ({n_layers} layers, linear probes)"
-    ax.set_title(result["title"])
+    label = "the embedded checkpoint" if checkpoint is None else \
+        (path.parent.name if path.name == "best" else path.name)
+    result["title"] = f"Layer utility of {label}: frozen encoder, one linear probe per layer"
+    ax.set_title(result["title"], fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     out_dir = Path(out_dir)
     result["figure"] = save_figure(fig, out_dir / "layers.png").name
     write_json(out_dir / "layers.json", result)

@@ -186,8 +186,10 @@ def report(paths: list[str | Path], out_dir: str | Path, names: list[str] | None
         ax.set_ylabel(ylabel, fontsize=8)
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
-        if key.startswith("dev/"):
-            ax.xaxis.get_major_locator().set_params(integer=True)
+        epochs = sorted({x for run in runs for x in data[run.name].get(key, {}).get("x", [])})
+        if key.startswith("dev/") and epochs:
+            ax.set_xticks(epochs)
+            ax.set_xlim(epochs[0] - 0.5, epochs[-1] + 0.5)
         if not drawn:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
     handles, legend_labels = [], []
