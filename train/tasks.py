@@ -123,6 +123,31 @@ def _collective_device(device: torch.device | None) -> torch.device:
 
 
 @torch.no_grad()
+def predict_scores(model, tokenizer: Tokenizer, task: str, examples: Sequence, form: str,
+                   max_length: int, batch_size: int, device: torch.device, progress=None) -> torch.Tensor:
+    """Like ``predict``, before the decision: sst (N, 5) class probabilities, quora (N,)
+    probability of a paraphrase, sts (N,) similarity clipped to [0, 5], all float64.
+    ``decide_scores`` turns them (or an average of several models' scores) into predictions."""
+    def run(batch: list) -> torch.Tensor:
+        kwargs, _, _ = encode_batch(tokenizer, task, batch, form, max_length, device)
+        out = model(task, **kwargs).double()  # float64: sigmoid(logit) > 0.5 iff logit > 0
+        if task == "sst":
+            return out.softmax(-1)  # stays on the device (sharded_map gathers there)
+        return out.sigmoid() if task == "quora" else MultitaskBert.decide(task, out).double()
+
+    return sharded_map(run, examples, batch_size, _length, progress, device=device)
+
+
+def decide_scores(task: str, scores: torch.Tensor) -> torch.Tensor:
+    """``predict_scores``'s output -> what ``predict`` returns (class id, 0/1, similarity)."""
+    if task == "sst":
+        return scores.argmax(-1).float()
+    if task == "quora":
+        return (scores > 0.5).float()
+    return scores.float()
+
+
+@torch.no_grad()
 def sharded_map(fn, items: Sequence, batch_size: int, length, progress=None,
                 device: torch.device | None = None) -> torch.Tensor:
     """``fn(batch) -> tensor of len(batch) rows`` over ``items``, split over the ranks; every rank
