@@ -200,13 +200,22 @@ def kernels_scenario(table, data, out, backend: str) -> dict:
         seen["padded"] |= key_padding_mask is not None and not bool(key_padding_mask.all())
         return real_fwd(q, k, v, key_padding_mask, *args, **kwargs)
 
-    A.attention_fwd = attention_fwd
+    V = importlib.import_module("kernels.attention_varlen")  # the unpadded model's path
+    real_varlen_fwd = V.attention_varlen_fwd
+
+    def attention_varlen_fwd(q, k, v, cu_seqlens, max_seqlen, *args, **kwargs):
+        lens = (cu_seqlens[1:] - cu_seqlens[:-1]).cpu()
+        seen["max_len"] = max(seen["max_len"], int(lens.max()) if len(lens) else 0)
+        seen["padded"] |= bool((lens != lens.max()).any())  # sequences of unequal lengths
+        return real_varlen_fwd(q, k, v, cu_seqlens, max_seqlen, *args, **kwargs)
+
+    A.attention_fwd, V.attention_varlen_fwd = attention_fwd, attention_varlen_fwd
     try:
         with count_launches() as launched:
             trainer = _trainer(table["kernels-triton"], data, out)
             trainer.fit()
     finally:
-        A.attention_fwd = real_fwd
+        A.attention_fwd, V.attention_varlen_fwd = real_fwd, real_varlen_fwd
     return {"losses": trainer.step_losses, "launches": dict(launched), **seen, "tile": KERNEL_TILE}
 
 
