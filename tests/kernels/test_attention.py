@@ -152,6 +152,57 @@ def test_dropout_kept_fraction():
         assert abs(keep.float().mean().item() - (1 - p)) <= 0.01
 
 
+def test_dropout_p_in_steps_of_1_256():
+    """8-bit thresholds: p is applied as the nearest multiple of 1/256 (at most 255/256), the
+    kept fraction and the scale follow that p, and a p between two steps runs bit-identically to
+    the step it rounds to."""
+    eff = A.attention_dropout_p
+    assert eff(0.0) == 0.0 and eff(0.1) == 26 / 256 and eff(0.5) == 0.5 and eff(0.999) == 255 / 256
+    assert eff(1 / 1024) == 0.0 and eff(eff(0.1)) == eff(0.1)
+    with pytest.raises(ValueError, match="dropout_p"):
+        eff(1.0)
+    keep = A._attention_dropout_mask((2, 4, 256), 0.3, seed=5, device=DEVICE)  # 0.30078125
+    assert abs(keep.float().mean().item() - (1 - eff(0.3))) <= 0.003  # 524,288 draws: sd 6e-4
+    q, k, v = _qkv(1, 2, 40, 32, requires_grad=False, seed=6)
+    ones = torch.ones(1, 2, 40, 40, dtype=torch.bool, device=DEVICE)
+    for p in (0.1, 0.3):
+        out = A._attention_triton(q, k, v, dropout_p=p, seed=8)
+        assert torch.equal(out, A._attention_triton(q, k, v, dropout_p=eff(p), seed=8))
+        keep = A._attention_dropout_mask((1, 2, 40), p, seed=8, device=DEVICE)
+        ref = A.attention_ref(q, k, v, dropout_p=eff(p), dropout_mask=keep)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+        # the nominal p's scale is another output: the kernels do apply the rounded p
+        nominal = A.attention_ref(q, k, v, dropout_p=p, dropout_mask=keep)
+        assert not torch.allclose(out, nominal, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(A.attention_ref(q, k, v, dropout_p=0.1, dropout_mask=ones),
+                           A.attention_ref(q, k, v))
+
+
+def test_dropout_bytes_of_one_philox_call_are_independent():
+    """One Philox call decides 16 neighbouring keys: every byte position keeps 1 - p of its
+    elements, and neighbouring keys (1, 4, 8 and 16 apart: the same word, the same call, the next
+    call), queries, heads, batch rows and seeds drawn one after another (layers, steps) are
+    uncorrelated. A mapping that reused a byte or a word would correlate neighbours fully."""
+    p = 0.5
+    keep = A._attention_dropout_mask((2, 4, 256), p, seed=13, device=DEVICE).float().cpu()
+    by_byte = keep.reshape(2, 4, 256, 16, 16).mean(dim=(0, 1, 2, 3))
+    assert (by_byte - (1 - p)).abs().max() <= 0.01, by_byte  # 32,768 draws each: sd 0.003
+
+    def corr(a, b):
+        return torch.corrcoef(torch.stack([a.reshape(-1), b.reshape(-1)]))[0, 1].abs().item()
+
+    for step in (1, 4, 8, 16):  # ~500,000 pairs: sd 0.0014
+        assert corr(keep[..., :-step], keep[..., step:]) < 0.01, step
+    assert corr(keep[:, :, :-1], keep[:, :, 1:]) < 0.01
+    assert corr(keep[:, 0], keep[:, 1]) < 0.01 and corr(keep[0], keep[1]) < 0.01
+    torch.manual_seed(0)
+    from kernels._utils import dropout_seed
+    first, second = dropout_seed(None, DEVICE), dropout_seed(None, DEVICE)  # two layers' draws
+    a = A._attention_dropout_mask((1, 2, 256), p, first, DEVICE).float()
+    b = A._attention_dropout_mask((1, 2, 256), p, second, DEVICE).float()
+    assert corr(a, b) < 0.01
+
+
 def test_dropout_mask_depends_on_position_only(monkeypatch):
     big = A._attention_dropout_mask((2, 3, 80), 0.5, seed=11, device=DEVICE)
     small = A._attention_dropout_mask((2, 3, 21), 0.5, seed=11, device=DEVICE)  # other L
@@ -299,7 +350,7 @@ def test_fp32_head_dim_128_runs_the_kernels():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         out = A._attention_triton(q, k, v)
-    assert type(out.grad_fn).__name__ == "AttentionFunctionBackward"
+    assert type(out.grad_fn).__name__ == "GeneratedBackwardFor_minbert_attention_defaultBackward"
     o, lse, _, _ = A.attention_fwd(q, k, v)
     assert torch.equal(out, o) and lse.shape == (1, 2, 9)
 
@@ -309,11 +360,11 @@ def test_public_function_dispatches_to_triton():
     q, k, v = _qkv(1, 2, 9, 32, seed=6)
     with kernels.use_backend("triton"), count_launches() as launched:
         out = kernels.attention(q, k, v)
-    assert type(out.grad_fn).__name__ == "AttentionFunctionBackward"
+    assert type(out.grad_fn).__name__ == "GeneratedBackwardFor_minbert_attention_defaultBackward"
     assert launched == {"_attention_fwd_kernel": 1}
     with kernels.use_backend("eager"), count_launches() as launched:
         eager = kernels.attention(q, k, v)
-    assert type(eager.grad_fn).__name__ != "AttentionFunctionBackward" and not launched
+    assert type(eager.grad_fn).__name__ != "GeneratedBackwardFor_minbert_attention_defaultBackward" and not launched
 
 
 def test_minbert_embedded_checkpoint_triton_matches_eager():
