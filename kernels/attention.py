@@ -700,6 +700,11 @@ class _Tile:
     num_warps: int
     num_stages: int
     d_chunk: int | None = None  # head-dim columns per chunk (D_CHUNK); None: the whole BLOCK_D
+    dropout_stages: int | None = None  # num_stages with dropout on; None: num_stages
+
+    def stages(self, has_dropout: bool) -> int:
+        """num_stages of a launch with or without dropout."""
+        return self.dropout_stages if has_dropout and self.dropout_stages else self.num_stages
 
     def chunk(self, head_dim: int) -> int:
         """D_CHUNK for ``head_dim``: the padded head (``block_d``), or d_chunk columns when smaller."""
@@ -729,17 +734,21 @@ class _AttentionConfig:
 # D=128 keeps the M side at 64 rows on 4 warps (a 128-row dQ tile needs 268 KB of shared memory)
 # and splits dK/dV (one launch holding both spilled 168-588 B on sm_80 at every tile tried).
 # BLOCK_D = 16 (head dims 1-16) takes the D = 32 tiles, but for fp32 dQ at 64 x 16 (64 x 32
-# spilled 8 B on sm_80).
+# spilled 8 B on sm_80). Dropout (16 decisions per Philox call, ``_dropout_keep``) runs at
+# num_stages 1 (``dropout_stages``) where two stages spilled 8-20 B on sm_80: 16-bit dK/dV at
+# BLOCK_D = 128 and the fp32 forward at D = 80 and 96; every other launch keeps its stages.
 _CONFIGS: dict[tuple[int, str], _AttentionConfig] = {
     (16, "16"): _AttentionConfig(_Tile(128, 64, 8, 3), _Tile(64, 128, 8, 2), _Tile(128, 32, 8, 2)),
     (32, "16"): _AttentionConfig(_Tile(128, 64, 8, 3), _Tile(64, 128, 8, 2), _Tile(128, 32, 8, 2)),
     (64, "16"): _AttentionConfig(_Tile(128, 64, 8, 3), _Tile(32, 128, 8, 2), _Tile(128, 32, 8, 2)),
-    (128, "16"): _AttentionConfig(_Tile(128, 32, 8, 2), _Tile(16, 128, 8, 2), _Tile(64, 32, 4, 2)),
+    (128, "16"): _AttentionConfig(_Tile(128, 32, 8, 2), _Tile(16, 128, 8, 2, dropout_stages=1),
+                                  _Tile(64, 32, 4, 2)),
     (16, "32"): _AttentionConfig(_Tile(64, 16, 4, 2), _Tile(16, 64, 4, 2), _Tile(64, 16, 4, 2)),
     (32, "32"): _AttentionConfig(_Tile(64, 16, 4, 2), _Tile(16, 64, 4, 2), _Tile(64, 32, 4, 2)),
     (64, "32"): _AttentionConfig(_Tile(64, 16, 4, 2, d_chunk=32), _Tile(16, 64, 4, 2, d_chunk=16),
                                  _Tile(64, 16, 8, 2)),
-    (128, "32"): _AttentionConfig(_Tile(64, 16, 4, 2, d_chunk=32), _Tile(16, 64, 4, 2, d_chunk=16),
+    (128, "32"): _AttentionConfig(_Tile(64, 16, 4, 2, d_chunk=32, dropout_stages=1),
+                                  _Tile(16, 64, 4, 2, d_chunk=16),
                                   _Tile(64, 16, 4, 2, d_chunk=32), split_dkdv=True),
 }
 
@@ -958,7 +967,7 @@ def _launch_fwd(q, k, v, o, lse, mask, cu_seqlens, seed, strides, stat_strides, 
         HAS_MASK=has_mask,
         HAS_DROPOUT=_drop_threshold(dropout_p) > 0, INPUT_PRECISION=_input_precision(q.dtype),
         VARLEN=varlen,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        num_warps=cfg.num_warps, num_stages=cfg.stages(_drop_threshold(dropout_p) > 0))
 
 
 def _launch_bwd(do, q, k, v, o, lse, mask, cu_seqlens, seed, dq, dk, dv, strides, stat_strides,
@@ -986,7 +995,7 @@ def _launch_bwd(do, q, k, v, o, lse, mask, cu_seqlens, seed, dq, dk, dv, strides
             *strides(q), *strides(k), *strides(v), *strides(do), *strides(dk), *strides(dv),
             stride_mb, *stat_strides, *scalars,
             D_CHUNK=t.chunk(D), BLOCK_M=t.block_m, BLOCK_N=t.block_n, GRADS=grads,
-            num_warps=t.num_warps, num_stages=t.num_stages, **common)
+            num_warps=t.num_warps, num_stages=t.stages(common["HAS_DROPOUT"]), **common)
     if not need_q:
         return
     t = cfg.dq
@@ -995,7 +1004,7 @@ def _launch_bwd(do, q, k, v, o, lse, mask, cu_seqlens, seed, dq, dk, dv, strides
         *strides(q), *strides(k), *strides(v), *strides(do), *strides(dq),
         stride_mb, *stat_strides, *scalars,
         D_CHUNK=t.chunk(D), BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps,
-        num_stages=t.num_stages, **common)
+        num_stages=t.stages(common["HAS_DROPOUT"]), **common)
 
 
 def attention_fwd(
@@ -1361,11 +1370,12 @@ def kernel_compile_specs(head_dims, dtypes, variants, varlen: bool = False,
                                  INPUT_PRECISION=_input_precision(dtype), VARLEN=varlen, **extra)
                     dims = f"D={D}" + (f" BLOCK_D={block_d(D)}" if block_d(D) != D else "")
                     chunk = f" D_CHUNK={tile.chunk(D)}" if tile.chunk(D) < block_d(D) else ""
+                    stages = tile.stages(has_dropout)
                     specs.append(_compile_spec(
-                        kernel, fn, dt, const, tile.num_warps, tile.num_stages,
+                        kernel, fn, dt, const, tile.num_warps, stages,
                         f"{op}{name} {dims} {dt} {vname} BLOCK_M={tile.block_m} "
                         f"BLOCK_N={tile.block_n}{chunk} warps={tile.num_warps} "
-                        f"stages={tile.num_stages}"))
+                        f"stages={stages}"))
     return specs
 
 
