@@ -13,6 +13,7 @@ Pooling: the [CLS] vector through BERT's pooler (``"cls"``), or the mean over re
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import BertModel, BertOutput
+from .model import BertLayer, BertModel, BertOutput
 from .packing import Packing
 
 NUM_SENTIMENT_CLASSES = 5
@@ -32,6 +33,11 @@ class HeadSpec:
     form: Literal["cross", "bi"] = "cross"
     pooling: Literal["cls", "mean"] = "cls"
     head: Literal["concat", "cosine"] = "concat"
+    # which encoder layer's hidden states feed the head: 0 = the embeddings, 1..L, -1 = the last;
+    # the layers above it are not computed for this task
+    layer: int = -1
+    head_layers: int = 0  # transformer layers of the task's own after ``layer`` (0-3)
+    head_init: Literal["copy", "random"] = "copy"  # copy: of the encoder layers after ``layer``
 
 
 @dataclass
@@ -45,7 +51,7 @@ class MultitaskSpec:
         return {"tasks": {k: asdict(v) for k, v in self.tasks.items()}, "head_dropout": self.head_dropout}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "MultitaskSpec":
+    def from_dict(cls, d: dict) -> "MultitaskSpec":  # exports before layer/head_layers: defaults
         return cls(tasks={k: HeadSpec(**v) for k, v in d["tasks"].items()},
                    head_dropout=float(d.get("head_dropout", 0.1)))
 
@@ -83,6 +89,32 @@ class MultitaskBert(nn.Module):
         hidden = bert.config.hidden_size
         self.dropout = nn.Dropout(spec.head_dropout)
         self.heads = nn.ModuleDict()
+        # the tasks' own transformer layers (HeadSpec.head_layers), trained at the encoder's rate
+        self.head_layers = nn.ModuleDict()
+        n = len(bert.encoder.layer)
+        self._layer: dict[str, int] = {}
+        for task, hs in spec.tasks.items():
+            layer = n if hs.layer == -1 else hs.layer
+            if not (isinstance(hs.layer, int) and 0 <= layer <= n):
+                raise ValueError(f"{task}: layer must be -1 (the last) or in [0, {n}] (0 = the "
+                                 f"embeddings), got {hs.layer!r}")
+            if not 0 <= hs.head_layers <= 3:
+                raise ValueError(f"{task}: head_layers must be in [0, 3], got {hs.head_layers}")
+            if hs.head_init not in ("copy", "random"):
+                raise ValueError(f"{task}: head_init must be 'copy' or 'random', got {hs.head_init!r}")
+            self._layer[task] = layer
+            if hs.head_layers == 0:
+                continue
+            if hs.head_init == "copy":
+                if layer + hs.head_layers > n:
+                    raise ValueError(f"{task}: head_init 'copy' takes the {hs.head_layers} encoder "
+                                     f"layer(s) after layer {layer}, but the encoder has {n}")
+                blocks = [copy.deepcopy(bert.encoder.layer[layer + i]) for i in range(hs.head_layers)]
+            else:
+                blocks = [BertLayer(bert.config) for _ in range(hs.head_layers)]
+                for block in blocks:
+                    block.apply(bert._init_weights)
+            self.head_layers[task] = nn.ModuleList(blocks)
         for task, hs in spec.tasks.items():
             out = NUM_SENTIMENT_CLASSES if task == "sst" else 1
             if task == "sst" or hs.form == "cross":
@@ -104,7 +136,9 @@ class MultitaskBert(nn.Module):
     def embed(self, task: str, input_ids, attention_mask, token_type_ids,
               packing: Packing | None = None) -> torch.Tensor:
         """(B, L) token ids -> (B, H) pooled vector, pooled as the task's spec says."""
-        out = self.bert(input_ids, attention_mask, token_type_ids, packing=packing)
+        extra = self.head_layers[task] if task in self.head_layers else ()
+        out = self.bert(input_ids, attention_mask, token_type_ids, packing=packing,
+                        num_layers=self._layer[task], extra_layers=extra)
         return pool(out, attention_mask, self.spec.tasks[task].pooling)
 
     def forward(self, task: str, input_ids, attention_mask, token_type_ids,

@@ -208,6 +208,8 @@ class BertModel(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         output_hidden_states: bool = False,
         packing: Packing | None = None,
+        num_layers: int | None = None,
+        extra_layers: "list[nn.Module] | nn.ModuleList" = (),
     ) -> BertOutput:
         """Encode a batch.
 
@@ -219,6 +221,10 @@ class BertModel(nn.Module):
             packing: ``Packing.from_mask(attention_mask)``, computed by the caller (e.g. on the
                 host by the data pipeline, so the forward reads nothing back from the device);
                 None: computed here when the model runs unpadded (one host read on a GPU).
+            num_layers: run only the first ``num_layers`` encoder layers (0: the embeddings);
+                None: all. The layers above are not computed.
+            extra_layers: ``BertLayer``s run after them (a task head's own layers), before the
+                pooler; their outputs are part of ``hidden_states``.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
@@ -240,9 +246,14 @@ class BertModel(nn.Module):
             packing = None  # padded (all-padding batches too: nothing to run on)
         key_padding_mask = None if attention_mask is None else attention_mask.to(torch.bool)
 
+        n = len(self.encoder.layer)
+        if num_layers is not None and not (isinstance(num_layers, int) and 0 <= num_layers <= n):
+            raise ValueError(f"num_layers must be an int in [0, {n}] or None, got {num_layers!r}")
+        layers = [*self.encoder.layer[:n if num_layers is None else num_layers], *extra_layers]
+
         h = self.embeddings(input_ids, token_type_ids, packing)  # (B, L, hidden) or (T, hidden)
         states = [h] if output_hidden_states else None
-        for layer in self.encoder.layer:
+        for layer in layers:
             h = layer(h, key_padding_mask, packing)
             if states is not None:
                 states.append(h)

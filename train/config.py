@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -35,12 +36,27 @@ class ModelConfig:
     # run the encoder on the real tokens only (BertConfig.unpad); None = the checkpoint's (true
     # unless its config.json says otherwise)
     unpad: bool | None = None
+    # parameters the multitask stage does not train (no gradient, no optimizer state): "none",
+    # "encoder" (the whole BERT: only the task heads learn, the "last linear layer" baseline),
+    # "embeddings", or "layers:A-B" (encoder layers A..B, inclusive, 0-based)
+    freeze: str = "none"
 
     def __post_init__(self):
         for name in ("hidden_dropout", "attention_dropout", "head_dropout"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value < 1.0:
                 raise ConfigError(f"model.{name} must lie in [0, 1), got {value!r}")
+        self.freeze_layers()  # checks the form
+
+    def freeze_layers(self) -> tuple[int, int] | None:
+        """(A, B) of ``freeze = "layers:A-B"``, None for the other forms; raises on a bad form."""
+        if self.freeze in ("none", "encoder", "embeddings"):
+            return None
+        match = re.fullmatch(r"layers:(\d+)-(\d+)", str(self.freeze))
+        if match is None or int(match[1]) > int(match[2]):
+            raise ConfigError(f"model.freeze must be 'none', 'encoder', 'embeddings' or "
+                              f"'layers:A-B' with A <= B (e.g. 'layers:0-3'), got {self.freeze!r}")
+        return int(match[1]), int(match[2])
 
 
 @dataclass
@@ -53,6 +69,11 @@ class TaskConfig:
     max_train: int | None = None  # train on a seeded random N of the examples (None = all)
     max_eval: int | None = None  # evaluate on a seeded random N of the dev examples (None = all)
     max_length: int = 128  # tokens per sequence (pairs: both sentences together)
+    # the encoder layer whose hidden states feed the head (0 = the embeddings, -1 = the last);
+    # the layers above it are not computed for this task
+    layer: int = -1
+    head_layers: int = 0  # transformer layers of the head's own after ``layer`` (0-3)
+    head_init: Literal["copy", "random"] = "copy"  # copy: of the encoder layers after ``layer``
 
     def check(self, task: str) -> None:
         if self.weight < 0:
@@ -63,6 +84,10 @@ class TaskConfig:
                 raise ConfigError(f"tasks.{task}.{name} must be >= 1 or null, got {value}")
         if self.max_length < 8:
             raise ConfigError(f"tasks.{task}.max_length must be >= 8, got {self.max_length}")
+        if self.layer < -1:
+            raise ConfigError(f"tasks.{task}.layer must be -1 (the last) or >= 0, got {self.layer}")
+        if not 0 <= self.head_layers <= 3:
+            raise ConfigError(f"tasks.{task}.head_layers must be in [0, 3], got {self.head_layers}")
         if task == "sst" and (self.form != "cross" or self.head != "concat"):
             raise ConfigError("tasks.sst is a single-sentence task: form and head do not apply")
 
@@ -231,6 +256,9 @@ class TrainConfig:
     # steps between the ranks' agreement on a stop request (SIGTERM / SIGUSR1) or a timed save:
     # one all-reduce of two integers on the device and one host read per check
     stop_check_every: int = 10
+    # end the run after this many epochs in a row without a better dev overall (0 = off); the
+    # best export (out/best) stays the best epoch's
+    early_stopping_patience: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     tasks: TasksConfig = field(default_factory=TasksConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -260,6 +288,9 @@ class TrainConfig:
             raise ConfigError(f"save_every_minutes must be > 0 or null, got {self.save_every_minutes}")
         if self.stop_check_every < 1:
             raise ConfigError(f"stop_check_every must be >= 1, got {self.stop_check_every}")
+        if self.early_stopping_patience < 0:
+            raise ConfigError(f"early_stopping_patience must be >= 0 (0 = off), got "
+                              f"{self.early_stopping_patience}")
 
     # ------------------------------------------------------------------ DeepSpeed
     def deepspeed_config(self, world_size: int, monitor_dir: str | None = None,

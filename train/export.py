@@ -23,6 +23,7 @@ from minbert.tokenizer import Tokenizer
 
 MULTITASK_META = "multitask.json"
 HEADS = "heads.safetensors"
+HEAD_PREFIXES = ("heads.", "head_layers.")  # MultitaskBert's own weights (the rest is bert.*)
 
 
 class ExportError(UserError):
@@ -76,7 +77,8 @@ def save_multitask(state: dict, bert_config, spec: MultitaskSpec, tokenizer: Tok
     bert.load_state_dict({k[len("bert."):]: v for k, v in state.items() if k.startswith("bert.")})
     bert.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    save_file({k: v.contiguous() for k, v in state.items() if k.startswith("heads.")}, str(tmp / HEADS))
+    save_file({k: v.contiguous() for k, v in state.items() if k.startswith(HEAD_PREFIXES)},
+              str(tmp / HEADS))
     meta = {"spec": spec.to_dict(), **(extra or {})}
     (tmp / MULTITASK_META).write_text(json.dumps(meta, indent=2) + "\n")
     swap_in(tmp, directory)
@@ -115,7 +117,7 @@ def load_multitask(directory: str | Path, device: str | torch.device = "cpu") ->
         missing, unexpected = model.load_state_dict(heads, strict=False)
     except RuntimeError as e:  # shapes that do not match multitask.json's heads
         raise ExportError(f"{heads_file} does not match {MULTITASK_META}: {e}") from None
-    missing = [k for k in missing if k.startswith("heads.")]
+    missing = [k for k in missing if k.startswith(HEAD_PREFIXES)]
     if missing or unexpected:
         raise ExportError(f"{heads_file}: missing {missing}, unexpected {unexpected}")
     return model.to(device).eval(), meta

@@ -30,22 +30,28 @@ from minbert.heads import HeadSpec, MultitaskBert, MultitaskSpec
 from minbert.tokenizer import Tokenizer
 
 from . import pcgrad
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .data import load_task
 from .export import save_multitask
 from .schedules import Schedule
-from .stage import (Stage, TrainingError, build_encoder, build_optimizer, lr_lambda,  # noqa: F401
-                    param_groups)
+from .stage import (Stage, TrainingError, build_encoder, build_optimizer,  # noqa: F401
+                    freeze_parameters, lr_lambda, param_groups)
 from .tasks import build_samplers, encode_batch, metric, overall_score, padded_tokens, predict
 
 
 def build_model(cfg: TrainConfig, checkpoint: str | Path | None = None) -> MultitaskBert:
     bert = build_encoder(cfg, checkpoint)
     spec = MultitaskSpec(
-        tasks={t: HeadSpec(form=getattr(cfg.tasks, t).form, pooling=getattr(cfg.tasks, t).pooling,
-                           head=getattr(cfg.tasks, t).head) for t in cfg.tasks.enabled()},
+        tasks={t: HeadSpec(form=tc.form, pooling=tc.pooling, head=tc.head, layer=tc.layer,
+                           head_layers=tc.head_layers, head_init=tc.head_init)
+               for t, tc in ((t, getattr(cfg.tasks, t)) for t in cfg.tasks.enabled())},
         head_dropout=cfg.model.head_dropout)
-    return MultitaskBert(bert, spec)
+    try:
+        model = MultitaskBert(bert, spec)
+    except ValueError as e:  # a layer the checkpoint does not have
+        raise ConfigError(f"tasks.{e}") from None
+    freeze_parameters(model, cfg.model.freeze, cfg.model.freeze_layers())
+    return model
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -129,6 +135,12 @@ class Trainer(Stage):
             atomic_write_text(self.out_dir / "deepspeed_config.json", json.dumps(ds_config, indent=2))
         self.build_engine(model, ds_config)  # loads the checkpoint when resuming
         self.params = [p for p in self.engine.module.parameters() if p.requires_grad]
+        trainable = sum(p.numel() for p in self.params)
+        total = sum(p.numel() for p in self.engine.module.parameters())
+        self.trainable = {"trainable_parameters": trainable, "parameters": total}
+        if cfg.model.freeze != "none":
+            self.say(f"{self.desc}: model.freeze {cfg.model.freeze!r}: training {trainable:,} of "
+                     f"{total:,} parameters")
         self._barrier()
 
     # ------------------------------------------------------------------ helpers
@@ -340,20 +352,37 @@ class Trainer(Stage):
         if scores["overall"] > self.best_score:
             self.best_score = scores["overall"]
             self.export(self.out_dir / "best", scores)
+        patience = self.cfg.early_stopping_patience
+        if patience and self.step < self.total_steps and self.epochs_without_gain() >= patience:
+            # every rank holds the same all-reduced dev scores: the same decision everywhere
+            self.finished_early = {"epoch": epoch, "step": self.step, "patience": patience,
+                                   "best_dev_overall": self.best_score}
+            self.log({"early_stop": self.finished_early})
+            if self.is_main:
+                bar.write(f"early stopping after epoch {epoch}: {patience} epoch(s) without a "
+                          f"better dev overall than {self.best_score:.4f}")
         self._window["start"] = time.perf_counter()
+
+    def epochs_without_gain(self) -> int:
+        """Epochs since the best dev overall so far (0 when the last epoch was the best)."""
+        scores = [r["dev"]["overall"] for r in self.history]
+        return len(scores) - 1 - scores.index(max(scores)) if scores else 0
 
     def state_dict(self) -> dict:
         return {"best_score": self.best_score, "history": self.history,
+                "finished_early": self.finished_early,
                 "samplers": {t: s.state_dict() for t, s in self.samplers.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.best_score = float(state["best_score"])
         self.history = list(state["history"])
+        self.finished_early = state.get("finished_early")
         for t, s in self.samplers.items():
             s.load_state_dict(state["samplers"][t])
 
     def result(self) -> dict:
-        return {"best_score": self.best_score, "history": self.history}
+        return {"best_score": self.best_score, "history": self.history,
+                "finished_early": self.finished_early, **self.trainable}
 
     def export(self, directory: Path, scores: dict | None = None) -> None:
         """Gather the full model (from ZeRO shards) and write it as a loadable directory."""

@@ -252,7 +252,11 @@ def _main(argv: list[str]) -> int:
                        cfg.eval_batch_size, trainer.device, progress=progress)
     if trainer.is_main:
         summary = {"name": cfg.name, "best_dev_overall": result["best_score"], "best_dev": scores,
-                   "steps": trainer.step, "out": str(out)}
+                   "steps": trainer.step, "out": str(out),
+                   "trainable_parameters": result["trainable_parameters"],
+                   "parameters": result["parameters"]}
+        if result["finished_early"] is not None:
+            summary["early_stop"] = result["finished_early"]
         if simcse_report is not None:
             summary["simcse"] = {k: simcse_report[k] for k in
                                  ("mode", "steps", "zero_shot_sts_before", "zero_shot_sts_after")}

@@ -215,13 +215,39 @@ def build_encoder(cfg: TrainConfig, checkpoint: str | Path | None = None) -> Ber
                                      config_changes=changes)
 
 
+def freeze_parameters(model: torch.nn.Module, freeze: str, layers: tuple[int, int] | None) -> int:
+    """Stop training what ``model.freeze`` names (``requires_grad`` off: no gradient is computed
+    and ``param_groups`` leaves them out, so they get no optimizer state); returns how many
+    parameter tensors were frozen. ``model`` is a ``MultitaskBert``."""
+    if freeze == "none":
+        return 0
+    bert = model.bert
+    if freeze == "encoder":
+        chosen = list(bert.parameters())
+    elif freeze == "embeddings":
+        chosen = list(bert.embeddings.parameters())
+    else:
+        first, last = layers
+        n = len(bert.encoder.layer)
+        if last >= n:
+            raise ConfigError(f"model.freeze {freeze!r} names layer {last}, but the encoder has "
+                              f"{n} layers (0-{n - 1})")
+        chosen = [p for i in range(first, last + 1) for p in bert.encoder.layer[i].parameters()]
+    for p in chosen:
+        p.requires_grad_(False)
+    return len(chosen)
+
+
 def param_groups(cfg: TrainConfig, model: torch.nn.Module, lr: float | None = None) -> list[dict]:
     """The optimizer's parameter groups: no weight decay on biases and LayerNorm weights; the
-    heads at ``optim.head_lr``; the encoder at ``lr`` (default ``optim.lr``)."""
+    heads at ``optim.head_lr``; the encoder at ``lr`` (default ``optim.lr``). Frozen parameters
+    (``requires_grad`` off) are left out."""
     o = cfg.optim
     lr = o.lr if lr is None else lr
     groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
         no_decay = name.endswith("bias") or "LayerNorm" in name
         groups.setdefault((name.startswith("heads."), no_decay), []).append(p)
     return [{"params": ps, "weight_decay": 0.0 if no_decay else o.weight_decay,
@@ -346,6 +372,7 @@ class Stage:
         self.step = 0
         self.total_steps = self.steps_per_epoch = 0
         self.stopped: dict | None = None  # set when fit() ended early on a stop request
+        self.finished_early: dict | None = None  # set by end_of_epoch to end the run there
         self._saved_step: int | None = None
         self._last_save = time.monotonic()
         seed_everything(cfg.seed)
@@ -522,6 +549,9 @@ class Stage:
         cfg = self.cfg
         bar = tqdm(total=self.total_steps, initial=self.step, desc=self.desc,
                    disable=not self.show_progress, dynamic_ncols=True)
+        if self.finished_early is not None:  # resumed from the checkpoint that ended the run
+            bar.close()
+            return self.result()
         if self.step < self.total_steps and self._agree()[0]:  # asked to stop while starting up
             return self._stop(bar)
         while self.step < self.total_steps:
@@ -534,6 +564,10 @@ class Stage:
             saved = False
             if self.step % self.steps_per_epoch == 0:
                 self.end_of_epoch(bar)
+                if self.finished_early is not None:  # early stopping: this epoch ends the run
+                    if self.save_final:
+                        self.save_checkpoint()
+                    break
                 if self.save_final or self.step < self.total_steps:
                     self.save_checkpoint()
                     saved = True

@@ -87,6 +87,19 @@ def scenarios(checkpoint: str, world: int) -> dict[str, dict]:
         # the Triton kernels (Triton's interpreter on CPU) against eager inside bf16 training steps:
         # head dim 32, SST only (the interpreter's cost grows with the tokens), padded batches
         # spanning several key tiles (kernels_scenario)
+        # model.freeze: the whole encoder (heads only), and layer 0 of 2 under ZeRO-2 and -3
+        "freeze-encoder": base(checkpoint, **{"deepspeed.micro_batch_per_device": micro,
+                                              "model.freeze": "encoder", "optim.head_lr": 1e-2}),
+        **{f"freeze-layers{suffix}": base(checkpoint, **{"deepspeed.micro_batch_per_device": micro,
+                                                         "deepspeed.zero_stage": stage,
+                                                         "model.freeze": "layers:0-0"})
+           for suffix, stage in (("", 2), ("-zero3", 3))},
+        "mid-layer": base(checkpoint, **{"deepspeed.micro_batch_per_device": micro,
+                                         "tasks.sst.layer": 1, "tasks.sst.head_layers": 1,
+                                         "tasks.sst.head_init": "random", "tasks.quora.layer": 1,
+                                         "tasks.quora.head_layers": 1}),
+        "early-stop": base(checkpoint, epochs=4, steps_per_epoch=2, early_stopping_patience=1,
+                           **{"deepspeed.micro_batch_per_device": micro, "optim.lr": 1e-12}),
         **{f"kernels-{k}": base(checkpoint, steps_per_epoch=KERNEL_STEPS, **{
             "deepspeed.micro_batch_per_device": micro, "model.kernels": k, "tasks.quora.enabled": False,
             "tasks.sts.enabled": False, "tasks.sst.max_eval": 4, "tasks.sst.max_length": 48})
@@ -343,10 +356,70 @@ def offload(table, data, out):
             "optimizer": type(trainer.engine.optimizer.optimizer).__name__}
 
 
+def freeze_scenario(table, data, out, which):
+    """Train with ``model.freeze``; compare the full (gathered) weights before and after: which
+    tensors moved, whether any moved that should not, and what the optimizer holds."""
+    trainer = _trainer(table[which], data, out)
+    before = {k: v.float().clone() for k, v in trainer.gathered_state().items()}
+    trainer.fit()
+    after = trainer.gathered_state()
+    changed = sorted(k for k, v in after.items() if not torch_equal(v.float(), before[k]))
+    unchanged = sorted(k for k in after if k not in changed)
+    frozen = sorted(n for n, p in trainer.engine.module.named_parameters() if not p.requires_grad)
+    # the parameters the optimizer was handed (DeepSpeed flattens them: count elements)
+    in_optimizer = sum(p.numel() for g in trainer.optimizer.param_groups for p in g["params"])
+    return {"changed": changed, "unchanged": unchanged, "frozen": frozen,
+            "optimizer_elements": in_optimizer, **trainer.trainable,
+            "losses": trainer.step_losses}
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+def early_stop_scenario(table, data, out):
+    """Four epochs of 2 steps at a learning rate too small to change a bf16 weight: dev overall
+    never improves after epoch 1, so patience 1 ends the run after epoch 2; the best export stays
+    epoch 1's; resuming the run's last checkpoint trains nothing more."""
+    cfg = table["early-stop"]
+    trainer = _trainer(cfg, data, out)
+    result = trainer.fit()
+    best = json.loads((out / "best" / "multitask.json").read_text())
+    resumed = _trainer(cfg, data, out, resume=out)
+    again = resumed.fit()
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return {"steps": trainer.step, "history": trainer.history, "finished_early": result["finished_early"],
+            "best_step": best["step"], "resumed_step": resumed.step, "resumed_result": again["finished_early"],
+            "early_stop_logged": [r["early_stop"] for r in log if "early_stop" in r]}
+
+
+def mid_layer_scenario(table, data, out):
+    """Heads on layer 1 of 2 with their own layers (SST: one random, Quora: one copied from
+    encoder layer 2 of 2), STS on the last layer; the export reloads with the same heads."""
+    import torch
+
+    from train.export import load_multitask
+
+    trainer = _trainer(table["mid-layer"], data, out)
+    trainer.fit()
+    state = trainer.gathered_state()
+    model, _ = load_multitask(out / "best")
+    loaded = model.state_dict()
+    head_layer_keys = sorted(k for k in state if k.startswith("head_layers."))
+    return {"losses": trainer.step_losses, "history": trainer.history,
+            "spec": model.spec.to_dict(), "head_layer_keys": head_layer_keys,
+            "export_matches": all(torch.equal(loaded[k].float(), state[k].float()) for k in state)}
+
+
 SCENARIO_RUNNERS = {"fp32-resume": fp32_resume, "sigterm": sigterm, "truncated": truncated,
                     "simcse-resume": simcse_resume, "offload": offload, "simcse-sup-fp32": simcse_fp32_grads,
                     "kernels-eager": lambda *a: kernels_scenario(*a, "eager"),
-                    "kernels-triton": lambda *a: kernels_scenario(*a, "triton")}
+                    "kernels-triton": lambda *a: kernels_scenario(*a, "triton"),
+                    "early-stop": early_stop_scenario, "mid-layer": mid_layer_scenario,
+                    **{name: (lambda *a, n=name: freeze_scenario(*a, n))
+                       for name in ("freeze-encoder", "freeze-layers", "freeze-layers-zero3")}}
 
 
 def main() -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -29,7 +30,8 @@ REPO = Path(__file__).resolve().parents[2]
 WORKER = REPO / "tests" / "train" / "ds_worker.py"
 TWO_RANK_SCENARIOS = ("zero0,zero1,zero2,zero2-padded,zero2-fused,pcgrad,fp32,fp32-resume,learn,nan,"
                       "interrupted-save,simcse-sup,simcse-unsup,sigterm,truncated,simcse-resume,offload,"
-                      "simcse-sup-fp32,kernels-eager,kernels-triton")
+                      "simcse-sup-fp32,kernels-eager,kernels-triton,freeze-encoder,freeze-layers,"
+                      "freeze-layers-zero3,early-stop,mid-layer")
 ONE_PROC_SCENARIOS = "zero2,pcgrad,simcse-sup,simcse-sup-fp32"
 
 
@@ -583,3 +585,77 @@ def test_drill_sigterm_to_the_runner_or_the_process_group_saves_and_leaves_no_or
     reason = "the launcher (pid" if target == "runner" else "SIGTERM"
     assert f"stopped at step {step_of(latest)} of {2 * DRILL_STEPS_PER_EPOCH} ({reason}" in stdout, stdout[-3000:]
     assert f"To resume: train/run.py --resume {out}" in stdout
+
+
+# ----------------------------------------------------------------------------- freezing, early stopping
+def test_freeze_encoder_trains_the_heads_only(results):
+    """model.freeze "encoder" (2 ranks, ZeRO-2, bf16): every encoder tensor is bit-for-bit what
+    it was, every head moved, and the optimizer holds the heads' elements only."""
+    r = results["two"]["freeze-encoder"]
+    assert r["changed"] and all(k.startswith("heads.") for k in r["changed"]), r["changed"]
+    assert all(k.startswith("bert.") for k in r["unchanged"])
+    assert sorted(k for k in r["changed"]) == sorted(k for k in r["changed"] + r["unchanged"]
+                                                     if k.startswith("heads."))
+    assert r["frozen"] == sorted(k for k in r["unchanged"] if k.startswith("bert."))
+    heads = r["trainable_parameters"]
+    assert 0 < heads < r["parameters"] // 100
+    # this rank's ZeRO partition of the heads (plus alignment padding), nothing of the encoder
+    assert r["optimizer_elements"] <= heads // 2 + 64, (r["optimizer_elements"], heads)
+
+
+@pytest.mark.parametrize("scenario", ["freeze-layers", "freeze-layers-zero3"])
+def test_freeze_layers_keeps_those_layers(results, scenario):
+    """model.freeze "layers:0-0" under ZeRO-2 and ZeRO-3: layer 0 unchanged bit for bit, layer 1,
+    the embeddings and the heads trained."""
+    r = results["two"][scenario]
+    layer0 = [k for k in r["changed"] + r["unchanged"] if k.startswith("bert.encoder.layer.0.")]
+    assert layer0 and sorted(layer0) == sorted(k for k in r["unchanged"] if k.startswith("bert.encoder.layer.0."))
+    assert not any(k.startswith("bert.encoder.layer.0.") for k in r["changed"])
+    for prefix in ("bert.encoder.layer.1.", "bert.embeddings.", "heads."):
+        assert any(k.startswith(prefix) for k in r["changed"]), prefix
+    assert r["frozen"] == sorted(layer0)
+    assert len(r["losses"]) == 6
+
+
+def test_early_stopping_ends_the_run_and_keeps_the_best(results):
+    """Patience 1 with dev scores that cannot improve: the run ends after epoch 2 of 4 (step 4 of
+    8), the best export is epoch 1's, the stop is logged, and resuming trains nothing more."""
+    r = results["two"]["early-stop"]
+    assert [h["epoch"] for h in r["history"]] == [1, 2]
+    assert r["history"][0]["dev"]["overall"] == r["history"][1]["dev"]["overall"]
+    assert r["steps"] == 4 and r["finished_early"]["epoch"] == 2
+    assert r["best_step"] == 2
+    assert r["early_stop_logged"] == [r["finished_early"]]
+    assert r["resumed_step"] == 4 and r["resumed_result"] == r["finished_early"]
+
+
+def test_freeze_and_patience_config_errors():
+    from train.config import ConfigError, ModelConfig, TrainConfig
+
+    for bad in ("layers:3-1", "layers:0", "decoder", "layers:a-b"):
+        with pytest.raises(ConfigError, match="model.freeze"):
+            ModelConfig(freeze=bad)
+    assert ModelConfig(freeze="layers:2-5").freeze_layers() == (2, 5)
+    with pytest.raises(ConfigError, match="early_stopping_patience"):
+        TrainConfig(early_stopping_patience=-1)
+
+
+def test_freeze_names_a_layer_the_model_lacks(tiny_checkpoint):
+    from train.config import ConfigError, TrainConfig, from_dict
+    from train.loop import build_model
+
+    cfg = from_dict(TrainConfig, {"model": {"checkpoint": str(tiny_checkpoint), "freeze": "layers:1-2"}})
+    with pytest.raises(ConfigError, match="names layer 2, but the encoder has 2 layers"):
+        build_model(cfg)
+
+
+def test_heads_on_middle_layers_train_and_export(results):
+    """tasks.<t>.layer / head_layers on 2 ranks (ZeRO-2, bf16): the run trains (finite losses),
+    the head layers are parameters of their own, and the export reloads them as trained."""
+    r = results["two"]["mid-layer"]
+    assert len(r["losses"]) == 6 and all(math.isfinite(v) for step in r["losses"] for v in step.values())
+    assert r["spec"]["tasks"]["sst"] == {"form": "cross", "pooling": "cls", "head": "concat", "layer": 1,
+                                         "head_layers": 1, "head_init": "random"}
+    assert r["spec"]["tasks"]["quora"]["head_layers"] == 1 and r["spec"]["tasks"]["sts"]["layer"] == -1
+    assert {k.split(".")[1] for k in r["head_layer_keys"]} == {"sst", "quora"}
+    assert r["export_matches"]
