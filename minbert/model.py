@@ -147,7 +147,9 @@ class BertIntermediate(nn.Module):
         self.approximate = config.gelu_approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.bias_gelu(F.linear(x, self.dense.weight), self.dense.bias, self.approximate)
+        # a LoRA-adapted dense (minbert.lora) adds its update to the product before the fused op
+        h = self.dense.matmul(x) if hasattr(self.dense, "matmul") else F.linear(x, self.dense.weight)
+        return kernels.bias_gelu(h, self.dense.bias, self.approximate)
 
 
 class BertLayer(nn.Module):

@@ -27,6 +27,29 @@ class ConfigError(UserError, ValueError):
 
 
 @dataclass
+class LoRAConfig:
+    """Low-rank adapters (``minbert.lora``): r = 0 is off; r > 0 freezes the whole encoder and
+    trains adapters on ``targets`` of every layer, plus the task heads. Exports merge them."""
+
+    r: int = 0
+    alpha: float = 16.0  # the update is scaled by alpha / r
+    dropout: float = 0.0  # on the adapters' input
+    targets: list[str] = field(default_factory=lambda: ["query", "key", "value"])
+
+    def __post_init__(self):
+        from minbert.lora import LORA_TARGETS
+
+        if self.r < 0:
+            raise ConfigError(f"model.lora.r must be >= 0 (0 = off), got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.lora.dropout must lie in [0, 1), got {self.dropout}")
+        bad = [t for t in self.targets if t not in LORA_TARGETS]
+        if bad or not self.targets:
+            raise ConfigError(f"model.lora.targets must be a non-empty list from "
+                              f"{sorted(LORA_TARGETS)}, got {self.targets!r}")
+
+
+@dataclass
 class ModelConfig:
     checkpoint: str | None = None  # HF-format BERT directory; None = embedded all-MiniLM-L6-v2
     kernels: Literal["auto", "eager", "triton"] = "auto"  # kernels backend; auto = triton on CUDA
@@ -40,6 +63,7 @@ class ModelConfig:
     # "encoder" (the whole BERT: only the task heads learn, the "last linear layer" baseline),
     # "embeddings", or "layers:A-B" (encoder layers A..B, inclusive, 0-based)
     freeze: str = "none"
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self):
         for name in ("hidden_dropout", "attention_dropout", "head_dropout"):
@@ -494,6 +518,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {hint}")
+    if origin is list:
+        (arg,) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return [_coerce(v, arg, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         args = typing.get_args(hint)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):

@@ -18,6 +18,7 @@ import torch
 
 from kernels._cli import UserError
 from minbert.heads import MultitaskBert, MultitaskSpec
+from minbert.lora import merge_lora
 from minbert.model import BertModel
 from minbert.tokenizer import Tokenizer
 
@@ -73,6 +74,7 @@ def save_multitask(state: dict, bert_config, spec: MultitaskSpec, tokenizer: Tok
     from safetensors.torch import save_file
 
     tmp = fresh_temp_dir(directory)
+    state = merge_lora(state)  # LoRA adapters folded in: the encoder is a plain BERT
     bert = BertModel(bert_config)
     bert.load_state_dict({k[len("bert."):]: v for k, v in state.items() if k.startswith("bert.")})
     bert.save_pretrained(tmp)

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from minbert.checkpoint import atomic_write_text
 from minbert.heads import HeadSpec, MultitaskBert, MultitaskSpec
+from minbert.lora import apply_lora
 from minbert.tokenizer import Tokenizer
 
 from . import pcgrad
@@ -50,6 +51,9 @@ def build_model(cfg: TrainConfig, checkpoint: str | Path | None = None) -> Multi
         model = MultitaskBert(bert, spec)
     except ValueError as e:  # a layer the checkpoint does not have
         raise ConfigError(f"tasks.{e}") from None
+    lora = cfg.model.lora
+    if lora.r > 0:  # adapters on the encoder, which is frozen; head layers and heads train
+        apply_lora(model.bert, lora.r, lora.alpha, lora.dropout, lora.targets)
     freeze_parameters(model, cfg.model.freeze, cfg.model.freeze_layers())
     return model
 

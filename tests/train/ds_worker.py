@@ -98,6 +98,10 @@ def scenarios(checkpoint: str, world: int) -> dict[str, dict]:
                                          "tasks.sst.layer": 1, "tasks.sst.head_layers": 1,
                                          "tasks.sst.head_init": "random", "tasks.quora.layer": 1,
                                          "tasks.quora.head_layers": 1}),
+        "lora": base(checkpoint, **{"deepspeed.micro_batch_per_device": micro,
+                                    "model.lora": {"r": 4, "alpha": 8.0, "dropout": 0.0,
+                                                   "targets": ["query", "key", "value",
+                                                               "intermediate.dense"]}}),
         "early-stop": base(checkpoint, epochs=4, steps_per_epoch=2, early_stopping_patience=1,
                            **{"deepspeed.micro_batch_per_device": micro, "optim.lr": 1e-12}),
         **{f"kernels-{k}": base(checkpoint, steps_per_epoch=KERNEL_STEPS, **{
@@ -413,11 +417,38 @@ def mid_layer_scenario(table, data, out):
             "export_matches": all(torch.equal(loaded[k].float(), state[k].float()) for k in state)}
 
 
+def lora_scenario(table, data, out):
+    """LoRA r=4 on query/key/value and the feed-forward input: the base encoder tensors stay bit
+    for bit, the adapters and heads move, and the export is the merged plain BERT (W + s B A of
+    the trained state) that transformers loads."""
+    import torch
+    import transformers
+
+    from minbert.lora import merge_lora
+
+    trainer = _trainer(table["lora"], data, out)
+    before = {k: v.clone() for k, v in trainer.gathered_state().items()}
+    trainer.fit()
+    after = trainer.gathered_state()
+    changed = sorted(k for k in after if not torch.equal(after[k], before[k]))
+    merged = merge_lora(after)
+    hf = transformers.BertModel.from_pretrained(out / "best", attn_implementation="eager")
+    hf_state = hf.state_dict()
+    export_diff = max(float((hf_state[k[len("bert."):]].float() - v).abs().max())
+                      for k, v in merged.items() if k.startswith("bert.") and k[len("bert."):] in hf_state)
+    return {"changed": changed, "trainable_parameters": trainer.trainable["trainable_parameters"],
+            "parameters": trainer.trainable["parameters"], "export_diff": export_diff,
+            "merged_moved": sorted(k for k in merged if k.startswith("bert.")
+                                   and not torch.equal(merged[k], before[k])),
+            "losses": trainer.step_losses}
+
+
 SCENARIO_RUNNERS = {"fp32-resume": fp32_resume, "sigterm": sigterm, "truncated": truncated,
                     "simcse-resume": simcse_resume, "offload": offload, "simcse-sup-fp32": simcse_fp32_grads,
                     "kernels-eager": lambda *a: kernels_scenario(*a, "eager"),
                     "kernels-triton": lambda *a: kernels_scenario(*a, "triton"),
                     "early-stop": early_stop_scenario, "mid-layer": mid_layer_scenario,
+                    "lora": lora_scenario,
                     **{name: (lambda *a, n=name: freeze_scenario(*a, n))
                        for name in ("freeze-encoder", "freeze-layers", "freeze-layers-zero3")}}
 

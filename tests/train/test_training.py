@@ -31,7 +31,7 @@ WORKER = REPO / "tests" / "train" / "ds_worker.py"
 TWO_RANK_SCENARIOS = ("zero0,zero1,zero2,zero2-padded,zero2-fused,pcgrad,fp32,fp32-resume,learn,nan,"
                       "interrupted-save,simcse-sup,simcse-unsup,sigterm,truncated,simcse-resume,offload,"
                       "simcse-sup-fp32,kernels-eager,kernels-triton,freeze-encoder,freeze-layers,"
-                      "freeze-layers-zero3,early-stop,mid-layer")
+                      "freeze-layers-zero3,early-stop,mid-layer,lora")
 ONE_PROC_SCENARIOS = "zero2,pcgrad,simcse-sup,simcse-sup-fp32"
 
 
@@ -659,3 +659,20 @@ def test_heads_on_middle_layers_train_and_export(results):
     assert r["spec"]["tasks"]["quora"]["head_layers"] == 1 and r["spec"]["tasks"]["sts"]["layer"] == -1
     assert {k.split(".")[1] for k in r["head_layer_keys"]} == {"sst", "quora"}
     assert r["export_matches"]
+
+
+def test_lora_trains_adapters_and_exports_a_merged_bert(results):
+    """model.lora r=4 (2 ranks, ZeRO-2, bf16): only lora_A / lora_B and the heads move; the base
+    encoder is bit-for-bit unchanged; the export is W + s B A of the trained state (to bf16
+    rounding of the trained weights' storage) and loads in transformers as a plain BERT."""
+    r = results["two"]["lora"]
+    assert r["changed"]
+    for k in r["changed"]:
+        assert k.startswith("heads.") or k.endswith((".lora_A", ".lora_B")), k
+    assert any(k.endswith(".lora_B") for k in r["changed"]) and any(k.startswith("heads.") for k in r["changed"])
+    assert any(".intermediate.dense.lora_B" in k for k in r["changed"])
+    moved = r["merged_moved"]  # merged weights of the adapted layers differ from the base
+    assert moved and all(k.endswith(".weight") and (".attention.self." in k or ".intermediate.dense." in k)
+                         for k in moved)
+    assert r["export_diff"] == 0.0
+    assert r["trainable_parameters"] < r["parameters"] // 10
