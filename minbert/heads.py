@@ -38,6 +38,12 @@ class HeadSpec:
     layer: int = -1
     head_layers: int = 0  # transformer layers of the task's own after ``layer`` (0-3)
     head_init: Literal["copy", "random"] = "copy"  # copy: of the encoder layers after ``layer``
+    # bi-encoder concat heads: what the head sees of u, v (any of u, v, abs_diff, prod, cos)
+    features: list[str] = field(default_factory=lambda: ["u", "v", "abs_diff", "prod"])
+    # sts: the head's output scale ("0-5": similarity units; "0-1": the fraction of 5, trained
+    # against gold / 5) and "sigmoid" to squash it into [0, 1] (with "0-1")
+    target: Literal["0-5", "0-1"] = "0-5"
+    output: Literal["linear", "sigmoid"] = "linear"
 
 
 @dataclass
@@ -46,14 +52,45 @@ class MultitaskSpec:
 
     tasks: dict[str, HeadSpec] = field(default_factory=dict)
     head_dropout: float = 0.1
+    # quora and sts: one projection (hidden units, tanh) shared before their own output layers
+    shared_pair_head: bool = False
 
     def to_dict(self) -> dict:
-        return {"tasks": {k: asdict(v) for k, v in self.tasks.items()}, "head_dropout": self.head_dropout}
+        return {"tasks": {k: asdict(v) for k, v in self.tasks.items()}, "head_dropout": self.head_dropout,
+                "shared_pair_head": self.shared_pair_head}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "MultitaskSpec":  # exports before layer/head_layers: defaults
+    def from_dict(cls, d: dict) -> "MultitaskSpec":  # older exports lack the newer keys: defaults
         return cls(tasks={k: HeadSpec(**v) for k, v in d["tasks"].items()},
-                   head_dropout=float(d.get("head_dropout", 0.1)))
+                   head_dropout=float(d.get("head_dropout", 0.1)),
+                   shared_pair_head=bool(d.get("shared_pair_head", False)))
+
+
+PAIR_FEATURES = ("u", "v", "abs_diff", "prod", "cos")
+
+
+def pair_features(u: torch.Tensor, v: torch.Tensor, names: list[str]) -> torch.Tensor:
+    """(B, H) u, v -> (B, F): the named features side by side (cos: one column)."""
+    parts = []
+    for name in names:
+        if name == "u":
+            parts.append(u)
+        elif name == "v":
+            parts.append(v)
+        elif name == "abs_diff":
+            parts.append((u - v).abs())
+        elif name == "prod":
+            parts.append(u * v)
+        else:
+            parts.append(F.cosine_similarity(u.float(), v.float(), dim=-1).to(u.dtype).unsqueeze(-1))
+    return torch.cat(parts, dim=-1)
+
+
+def _head_inputs(task: str, hs: HeadSpec, hidden: int) -> int:
+    """Width of what the task's output layer sees (before a shared pair projection)."""
+    if task == "sst" or hs.form == "cross":
+        return hidden
+    return sum(1 if f == "cos" else hidden for f in hs.features)
 
 
 def mean_pool(h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -116,11 +153,28 @@ class MultitaskBert(nn.Module):
                     block.apply(bert._init_weights)
             self.head_layers[task] = nn.ModuleList(blocks)
         for task, hs in spec.tasks.items():
+            bad = [f for f in hs.features if f not in PAIR_FEATURES]
+            if bad or not hs.features or len(set(hs.features)) != len(hs.features):
+                raise ValueError(f"{task}: features must be distinct names from {list(PAIR_FEATURES)}, "
+                                 f"got {hs.features!r}")
+            if task != "sts" and (hs.target, hs.output) != ("0-5", "linear"):
+                raise ValueError(f"{task}: target and output apply to sts only")
+            if hs.output == "sigmoid" and hs.target != "0-1":
+                raise ValueError(f"{task}: output 'sigmoid' needs target '0-1' (a sigmoid gives [0, 1])")
+        pair = [t for t in ("quora", "sts") if t in spec.tasks and not
+                (spec.tasks[t].form == "bi" and spec.tasks[t].head == "cosine")]
+        if spec.shared_pair_head:
+            widths = {_head_inputs(t, spec.tasks[t], hidden) for t in pair}
+            if len(pair) != 2 or len(widths) != 1:
+                raise ValueError("shared_pair_head needs quora and sts both enabled with heads of "
+                                 "one input width (the same form, and the same features for "
+                                 "bi-encoder concat heads)")
+            self.shared_pair = nn.Sequential(nn.Linear(widths.pop(), hidden), nn.Tanh())
+        for task, hs in spec.tasks.items():
             out = NUM_SENTIMENT_CLASSES if task == "sst" else 1
-            if task == "sst" or hs.form == "cross":
-                self.heads[task] = nn.Linear(hidden, out)
-            elif hs.head == "concat":
-                self.heads[task] = nn.Linear(4 * hidden, out)
+            width = hidden if spec.shared_pair_head and task in pair else _head_inputs(task, hs, hidden)
+            if task == "sst" or hs.form == "cross" or hs.head == "concat":
+                self.heads[task] = nn.Linear(width, out)
             elif task == "sts":  # cosine, mapped to [0, 5] by a fixed affine map: no parameters
                 self.heads[task] = nn.Identity()
             else:  # cosine: quora's logit is a learned affine map of cos(u, v)
@@ -128,7 +182,8 @@ class MultitaskBert(nn.Module):
                 with torch.no_grad():
                     self.heads[task].weight.fill_(5.0)
                     self.heads[task].bias.zero_()
-        for head in self.heads.values():
+        linears = [*self.heads.values(), *(self.shared_pair if spec.shared_pair_head else [])]
+        for head in linears:
             if isinstance(head, nn.Linear) and head.in_features > 1:
                 nn.init.normal_(head.weight, std=0.02)
                 nn.init.zeros_(head.bias)
@@ -149,21 +204,29 @@ class MultitaskBert(nn.Module):
         if task not in self.heads:
             raise ValueError(f"task {task!r} has no head; heads: {list(self.heads)}")
         hs = self.spec.tasks[task]
-        head = self.heads[task]
         if task == "sst" or hs.form == "cross":
-            logits = head(self.dropout(self.embed(task, input_ids, attention_mask, token_type_ids,
-                                                  packing)))
-            return logits if task == "sst" else logits.squeeze(-1)
-        if input_ids_b is None:
-            raise ValueError(f"task {task!r} is a bi-encoder: it needs the second sentence's batch")
-        u = self.embed(task, input_ids, attention_mask, token_type_ids, packing)
-        v = self.embed(task, input_ids_b, attention_mask_b, token_type_ids_b, packing_b)
-        if hs.head == "concat":
-            return head(self.dropout(torch.cat([u, v, (u - v).abs(), u * v], dim=-1))).squeeze(-1)
-        cos = F.cosine_similarity(u.float(), v.float(), dim=-1)  # (B,)
-        if task == "sts":
-            return (cos + 1.0) * (STS_MAX / 2.0)  # [-1, 1] -> [0, 5]
-        return head(cos.unsqueeze(-1).to(u.dtype)).squeeze(-1)
+            x = self.embed(task, input_ids, attention_mask, token_type_ids, packing)
+        else:
+            if input_ids_b is None:
+                raise ValueError(f"task {task!r} is a bi-encoder: it needs the second sentence's batch")
+            u = self.embed(task, input_ids, attention_mask, token_type_ids, packing)
+            v = self.embed(task, input_ids_b, attention_mask_b, token_type_ids_b, packing_b)
+            if hs.head == "cosine":
+                cos = F.cosine_similarity(u.float(), v.float(), dim=-1)  # (B,)
+                if task == "sts":
+                    return (cos + 1.0) * (STS_MAX / 2.0)  # [-1, 1] -> [0, 5]
+                return self.heads[task](cos.unsqueeze(-1).to(u.dtype)).squeeze(-1)
+            x = pair_features(u, v, hs.features)
+        x = self.dropout(x)
+        if self.spec.shared_pair_head and task in ("quora", "sts"):
+            x = self.shared_pair(x)
+        out = self.heads[task](x)
+        if task == "sst":
+            return out
+        out = out.squeeze(-1)
+        if task == "sts" and hs.target == "0-1":  # the head's scale -> similarity units
+            out = (torch.sigmoid(out) if hs.output == "sigmoid" else out) * STS_MAX
+        return out
 
     @staticmethod
     def loss(task: str, prediction: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -174,6 +237,14 @@ class MultitaskBert(nn.Module):
         if task == "quora":
             return F.binary_cross_entropy_with_logits(prediction, labels.float())
         return F.mse_loss(prediction, labels.float())
+
+    def task_loss(self, task: str, prediction: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``loss`` in the head's own scale: an sts head with target "0-1" is trained on the MSE of
+        prediction / 5 against gold / 5 (1/25 of the MSE in similarity units)."""
+        loss = MultitaskBert.loss(task, prediction, labels)
+        if task == "sts" and self.spec.tasks[task].target == "0-1":
+            loss = loss / (STS_MAX * STS_MAX)
+        return loss
 
     @staticmethod
     def decide(task: str, prediction: torch.Tensor) -> torch.Tensor:

@@ -98,6 +98,13 @@ class TaskConfig:
     layer: int = -1
     head_layers: int = 0  # transformer layers of the head's own after ``layer`` (0-3)
     head_init: Literal["copy", "random"] = "copy"  # copy: of the encoder layers after ``layer``
+    # bi-encoder concat heads (form "bi", head "concat"): what the head sees of the two sentence
+    # vectors, any of u, v, abs_diff, prod, cos
+    features: list[str] = field(default_factory=lambda: ["u", "v", "abs_diff", "prod"])
+    # sts only: the head's scale, "0-5" (similarity units) or "0-1" (trained against gold / 5),
+    # and "sigmoid" to squash a "0-1" head's output into [0, 1]
+    target: Literal["0-5", "0-1"] = "0-5"
+    output: Literal["linear", "sigmoid"] = "linear"
 
     def check(self, task: str) -> None:
         if self.weight < 0:
@@ -112,6 +119,16 @@ class TaskConfig:
             raise ConfigError(f"tasks.{task}.layer must be -1 (the last) or >= 0, got {self.layer}")
         if not 0 <= self.head_layers <= 3:
             raise ConfigError(f"tasks.{task}.head_layers must be in [0, 3], got {self.head_layers}")
+        from minbert.heads import PAIR_FEATURES
+
+        bad = [f for f in self.features if f not in PAIR_FEATURES]
+        if bad or not self.features or len(set(self.features)) != len(self.features):
+            raise ConfigError(f"tasks.{task}.features must be distinct names from "
+                              f"{list(PAIR_FEATURES)}, got {self.features!r}")
+        if task != "sts" and (self.target, self.output) != ("0-5", "linear"):
+            raise ConfigError(f"tasks.{task}.target and .output apply to sts only")
+        if self.output == "sigmoid" and self.target != "0-1":
+            raise ConfigError(f"tasks.{task}.output 'sigmoid' needs target '0-1'")
         if task == "sst" and (self.form != "cross" or self.head != "concat"):
             raise ConfigError("tasks.sst is a single-sentence task: form and head do not apply")
 
@@ -121,12 +138,17 @@ class TasksConfig:
     sst: TaskConfig = field(default_factory=TaskConfig)
     quora: TaskConfig = field(default_factory=TaskConfig)
     sts: TaskConfig = field(default_factory=TaskConfig)
+    # quora and sts share one projection (hidden units, tanh) before their own output layers;
+    # both must be enabled with heads of one input width
+    shared_pair_head: bool = False
 
     def __post_init__(self):
         for name in TASK_NAMES:
             getattr(self, name).check(name)
         if not self.enabled():
             raise ConfigError("tasks: at least one of sst, quora, sts must be enabled")
+        if self.shared_pair_head and not (self.quora.enabled and self.sts.enabled):
+            raise ConfigError("tasks.shared_pair_head needs quora and sts both enabled")
 
     def enabled(self) -> list[str]:
         return [name for name in TASK_NAMES if getattr(self, name).enabled]

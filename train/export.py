@@ -24,7 +24,7 @@ from minbert.tokenizer import Tokenizer
 
 MULTITASK_META = "multitask.json"
 HEADS = "heads.safetensors"
-HEAD_PREFIXES = ("heads.", "head_layers.")  # MultitaskBert's own weights (the rest is bert.*)
+HEAD_PREFIXES = ("heads.", "head_layers.", "shared_pair.")  # MultitaskBert's own (the rest is bert.*)
 
 
 class ExportError(UserError):

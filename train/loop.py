@@ -44,9 +44,10 @@ def build_model(cfg: TrainConfig, checkpoint: str | Path | None = None) -> Multi
     bert = build_encoder(cfg, checkpoint)
     spec = MultitaskSpec(
         tasks={t: HeadSpec(form=tc.form, pooling=tc.pooling, head=tc.head, layer=tc.layer,
-                           head_layers=tc.head_layers, head_init=tc.head_init)
+                           head_layers=tc.head_layers, head_init=tc.head_init,
+                           features=list(tc.features), target=tc.target, output=tc.output)
                for t, tc in ((t, getattr(cfg.tasks, t)) for t in cfg.tasks.enabled())},
-        head_dropout=cfg.model.head_dropout)
+        head_dropout=cfg.model.head_dropout, shared_pair_head=cfg.tasks.shared_pair_head)
     try:
         model = MultitaskBert(bert, spec)
     except ValueError as e:  # a layer the checkpoint does not have
@@ -182,7 +183,7 @@ class Trainer(Stage):
 
     def _forward_loss(self, task: str, batch: tuple[dict, torch.Tensor, int]) -> torch.Tensor:
         kwargs, labels, _ = batch
-        return MultitaskBert.loss(task, self.engine(task, **kwargs), labels)
+        return self.engine.module.task_loss(task, self.engine(task, **kwargs), labels)
 
     def _phase(self, name: str):
         return contextlib.nullcontext() if self.timer is None else self.timer(name)
@@ -272,7 +273,7 @@ class Trainer(Stage):
                 kwargs, labels, _ = micro[t][j]
                 with self._phase("forward"):
                     prediction = torch.func.functional_call(module, aliases, (t,), kwargs)
-                    loss = MultitaskBert.loss(t, prediction, labels)
+                    loss = module.task_loss(t, prediction, labels)
                 task_losses.append(loss.detach())
                 w = (tc.weight if weighted else 1.0) / self.accum
                 with self._phase("backward"):

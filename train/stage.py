@@ -240,7 +240,8 @@ def freeze_parameters(model: torch.nn.Module, freeze: str, layers: tuple[int, in
 
 def param_groups(cfg: TrainConfig, model: torch.nn.Module, lr: float | None = None) -> list[dict]:
     """The optimizer's parameter groups: no weight decay on biases and LayerNorm weights; the
-    heads at ``optim.head_lr``; the encoder at ``lr`` (default ``optim.lr``). Frozen parameters
+    heads (and the shared pair projection) at ``optim.head_lr``; the encoder and the heads' own
+    transformer layers at ``lr`` (default ``optim.lr``). Frozen parameters
     (``requires_grad`` off) are left out."""
     o = cfg.optim
     lr = o.lr if lr is None else lr
@@ -249,7 +250,7 @@ def param_groups(cfg: TrainConfig, model: torch.nn.Module, lr: float | None = No
         if not p.requires_grad:
             continue
         no_decay = name.endswith("bias") or "LayerNorm" in name
-        groups.setdefault((name.startswith("heads."), no_decay), []).append(p)
+        groups.setdefault((name.startswith(("heads.", "shared_pair.")), no_decay), []).append(p)
     return [{"params": ps, "weight_decay": 0.0 if no_decay else o.weight_decay,
              "lr": (o.head_lr or lr) if is_head else lr}
             for (is_head, no_decay), ps in sorted(groups.items())]

@@ -103,3 +103,62 @@ def test_export_with_head_layers_reloads_as_trained(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()("sst", ids, mask, tt), model("sst", ids, mask, tt))
     assert loaded.spec.tasks["sst"] == HeadSpec(layer=1, head_layers=1, head_init="random")
+
+
+# ----------------------------------------------------------------------------- pair heads
+def _pair_model(bert, shared=False, **sts):
+    torch.manual_seed(3)
+    spec = MultitaskSpec({"quora": HeadSpec(form="bi"), "sts": HeadSpec(form="bi", **sts)},
+                         head_dropout=0.0, shared_pair_head=shared)
+    return MultitaskBert(bert, spec).eval()
+
+
+def test_pair_features_and_sts_target_scaling():
+    """features pick the concat head's inputs (by hand: the same linear on the same columns);
+    target "0-1" maps the head's output x 5 (sigmoid first with output "sigmoid") and trains on
+    the MSE / 25."""
+    from minbert.heads import pair_features
+
+    bert = _bert()
+    ids, mask, tt = _batch()
+    feats = ["abs_diff", "cos", "u"]
+    model = _pair_model(bert, features=feats, target="0-1", output="sigmoid")
+    assert model.heads["sts"].in_features == 2 * 32 + 1
+    with torch.no_grad():
+        got = model("sts", ids, mask, tt, ids.flip(0), mask.flip(0), tt)
+        u = model.embed("sts", ids, mask, tt)
+        v = model.embed("sts", ids.flip(0), mask.flip(0), tt)
+        x = torch.cat([(u - v).abs(), torch.nn.functional.cosine_similarity(u, v, dim=-1)[:, None], u], -1)
+        torch.testing.assert_close(pair_features(u, v, feats), x)
+        want = torch.sigmoid(model.heads["sts"](x).squeeze(-1)) * 5
+    torch.testing.assert_close(got, want)
+    assert float(got.min()) >= 0 and float(got.max()) <= 5
+    gold = torch.tensor([0.0, 2.5, 5.0])
+    torch.testing.assert_close(model.task_loss("sts", got, gold),
+                               torch.nn.functional.mse_loss(got, gold) / 25)
+    plain = _pair_model(bert)
+    assert plain.task_loss("sts", got, gold) == torch.nn.functional.mse_loss(got, gold)
+
+
+def test_shared_pair_head_is_one_projection_for_quora_and_sts():
+    bert = _bert()
+    model = _pair_model(bert, shared=True)
+    assert isinstance(model.shared_pair[0], torch.nn.Linear) and model.shared_pair[0].in_features == 4 * 32
+    assert model.heads["quora"].in_features == model.heads["sts"].in_features == 32
+    ids, mask, tt = _batch()
+    out = model("quora", ids, mask, tt, ids, mask, tt).sum() + model("sts", ids, mask, tt, ids, mask, tt).sum()
+    out.backward()
+    assert model.shared_pair[0].weight.grad is not None and model.shared_pair[0].weight.grad.abs().sum() > 0
+    names = {n.split(".")[0] for n in model.state_dict()}
+    assert "shared_pair" in names
+    with pytest.raises(ValueError, match="shared_pair_head needs quora and sts"):
+        _pair_model(bert, shared=True, features=["u", "v"])  # quora keeps 4 features: widths differ
+
+
+@pytest.mark.parametrize("spec, message", [
+    (dict(features=["u", "w"]), "features must be distinct names"),
+    (dict(output="sigmoid"), "needs target '0-1'"),
+])
+def test_bad_pair_specs(spec, message):
+    with pytest.raises(ValueError, match=message):
+        _pair_model(_bert(), **spec)

@@ -98,6 +98,12 @@ def scenarios(checkpoint: str, world: int) -> dict[str, dict]:
                                          "tasks.sst.layer": 1, "tasks.sst.head_layers": 1,
                                          "tasks.sst.head_init": "random", "tasks.quora.layer": 1,
                                          "tasks.quora.head_layers": 1}),
+        "pair-heads": base(checkpoint, **{"deepspeed.micro_batch_per_device": micro,
+                                          "tasks.quora.form": "bi", "tasks.sts.form": "bi",
+                                          "tasks.quora.features": ["u", "abs_diff", "cos"],
+                                          "tasks.sts.features": ["u", "abs_diff", "cos"],
+                                          "tasks.sts.target": "0-1", "tasks.sts.output": "sigmoid",
+                                          "tasks.shared_pair_head": True}),
         "lora": base(checkpoint, **{"deepspeed.micro_batch_per_device": micro,
                                     "model.lora": {"r": 4, "alpha": 8.0, "dropout": 0.0,
                                                    "targets": ["query", "key", "value",
@@ -399,14 +405,16 @@ def early_stop_scenario(table, data, out):
             "early_stop_logged": [r["early_stop"] for r in log if "early_stop" in r]}
 
 
-def mid_layer_scenario(table, data, out):
-    """Heads on layer 1 of 2 with their own layers (SST: one random, Quora: one copied from
-    encoder layer 2 of 2), STS on the last layer; the export reloads with the same heads."""
+def export_scenario(table, data, out, name):
+    """Train; the export must reload with the same heads and weights. ``mid-layer``: heads on
+    layer 1 of 2 with their own layers (SST: one random, Quora: one copied from encoder layer 2
+    of 2), STS on the last layer. ``pair-heads``: bi-encoder Quora and STS with chosen features,
+    one shared projection, STS trained on a sigmoid 0-1 scale."""
     import torch
 
     from train.export import load_multitask
 
-    trainer = _trainer(table["mid-layer"], data, out)
+    trainer = _trainer(table[name], data, out)
     trainer.fit()
     state = trainer.gathered_state()
     model, _ = load_multitask(out / "best")
@@ -414,6 +422,7 @@ def mid_layer_scenario(table, data, out):
     head_layer_keys = sorted(k for k in state if k.startswith("head_layers."))
     return {"losses": trainer.step_losses, "history": trainer.history,
             "spec": model.spec.to_dict(), "head_layer_keys": head_layer_keys,
+            "own_keys": sorted(k for k in state if not k.startswith("bert.")),
             "export_matches": all(torch.equal(loaded[k].float(), state[k].float()) for k in state)}
 
 
@@ -447,7 +456,8 @@ SCENARIO_RUNNERS = {"fp32-resume": fp32_resume, "sigterm": sigterm, "truncated":
                     "simcse-resume": simcse_resume, "offload": offload, "simcse-sup-fp32": simcse_fp32_grads,
                     "kernels-eager": lambda *a: kernels_scenario(*a, "eager"),
                     "kernels-triton": lambda *a: kernels_scenario(*a, "triton"),
-                    "early-stop": early_stop_scenario, "mid-layer": mid_layer_scenario,
+                    "early-stop": early_stop_scenario,
+                    **{n: (lambda *a, n=n: export_scenario(*a, n)) for n in ("mid-layer", "pair-heads")},
                     "lora": lora_scenario,
                     **{name: (lambda *a, n=name: freeze_scenario(*a, n))
                        for name in ("freeze-encoder", "freeze-layers", "freeze-layers-zero3")}}

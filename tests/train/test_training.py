@@ -31,7 +31,7 @@ WORKER = REPO / "tests" / "train" / "ds_worker.py"
 TWO_RANK_SCENARIOS = ("zero0,zero1,zero2,zero2-padded,zero2-fused,pcgrad,fp32,fp32-resume,learn,nan,"
                       "interrupted-save,simcse-sup,simcse-unsup,sigterm,truncated,simcse-resume,offload,"
                       "simcse-sup-fp32,kernels-eager,kernels-triton,freeze-encoder,freeze-layers,"
-                      "freeze-layers-zero3,early-stop,mid-layer,lora")
+                      "freeze-layers-zero3,early-stop,mid-layer,lora,pair-heads")
 ONE_PROC_SCENARIOS = "zero2,pcgrad,simcse-sup,simcse-sup-fp32"
 
 
@@ -638,6 +638,17 @@ def test_freeze_and_patience_config_errors():
     assert ModelConfig(freeze="layers:2-5").freeze_layers() == (2, 5)
     with pytest.raises(ConfigError, match="early_stopping_patience"):
         TrainConfig(early_stopping_patience=-1)
+    from train.config import TaskConfig, TasksConfig
+
+    for bad, match in ((dict(features=["u", "u"]), "features must be distinct"),
+                       (dict(output="sigmoid"), "needs target '0-1'"),
+                       (dict(head_layers=4), "head_layers"), (dict(layer=-2), "layer")):
+        with pytest.raises(ConfigError, match=match):
+            TaskConfig(**bad).check("sts")
+    with pytest.raises(ConfigError, match="target and .output apply to sts only"):
+        TaskConfig(target="0-1").check("quora")
+    with pytest.raises(ConfigError, match="shared_pair_head needs quora and sts"):
+        TasksConfig(sts=TaskConfig(enabled=False), shared_pair_head=True)
 
 
 def test_freeze_names_a_layer_the_model_lacks(tiny_checkpoint):
@@ -676,3 +687,16 @@ def test_lora_trains_adapters_and_exports_a_merged_bert(results):
                          for k in moved)
     assert r["export_diff"] == 0.0
     assert r["trainable_parameters"] < r["parameters"] // 10
+
+
+def test_pair_heads_train_and_export(results):
+    """Chosen bi-encoder features, one shared Quora/STS projection and a sigmoid 0-1 STS head
+    (2 ranks, ZeRO-2, bf16): finite losses, STS loss on the 0-1 scale (below 1 at every step),
+    and an export that reloads with the shared projection."""
+    r = results["two"]["pair-heads"]
+    assert len(r["losses"]) == 6 and all(math.isfinite(v) for step in r["losses"] for v in step.values())
+    assert all(step["sts"] <= 1.0 for step in r["losses"] if "sts" in step)
+    assert r["spec"]["shared_pair_head"] is True
+    assert r["spec"]["tasks"]["sts"]["features"] == ["u", "abs_diff", "cos"]
+    assert r["spec"]["tasks"]["sts"]["target"] == "0-1" and r["spec"]["tasks"]["sts"]["output"] == "sigmoid"
+    assert r["export_matches"] and any(k.startswith("shared_pair.") for k in r["own_keys"])
