@@ -69,6 +69,18 @@ class MultitaskSpec:
 PAIR_FEATURES = ("u", "v", "abs_diff", "prod", "cos")
 
 
+def output_problem(task: str, features: list[str], target: str, output: str) -> str | None:
+    """What is wrong with a head's ``features`` / ``target`` / ``output`` (None: nothing)."""
+    bad = [f for f in features if f not in PAIR_FEATURES]
+    if bad or not features or len(set(features)) != len(features):
+        return f"features must be distinct names from {list(PAIR_FEATURES)}, got {features!r}"
+    if task != "sts" and (target, output) != ("0-5", "linear"):
+        return "target and .output apply to sts only"
+    if output == "sigmoid" and target != "0-1":
+        return "output 'sigmoid' needs target '0-1' (a sigmoid gives [0, 1])"
+    return None
+
+
 def pair_features(u: torch.Tensor, v: torch.Tensor, names: list[str]) -> torch.Tensor:
     """(B, H) u, v -> (B, F): the named features side by side (cos: one column)."""
     parts = []
@@ -153,14 +165,9 @@ class MultitaskBert(nn.Module):
                     block.apply(bert._init_weights)
             self.head_layers[task] = nn.ModuleList(blocks)
         for task, hs in spec.tasks.items():
-            bad = [f for f in hs.features if f not in PAIR_FEATURES]
-            if bad or not hs.features or len(set(hs.features)) != len(hs.features):
-                raise ValueError(f"{task}: features must be distinct names from {list(PAIR_FEATURES)}, "
-                                 f"got {hs.features!r}")
-            if task != "sts" and (hs.target, hs.output) != ("0-5", "linear"):
-                raise ValueError(f"{task}: target and output apply to sts only")
-            if hs.output == "sigmoid" and hs.target != "0-1":
-                raise ValueError(f"{task}: output 'sigmoid' needs target '0-1' (a sigmoid gives [0, 1])")
+            problem = output_problem(task, hs.features, hs.target, hs.output)
+            if problem:
+                raise ValueError(f"{task}: {problem}")
         pair = [t for t in ("quora", "sts") if t in spec.tasks and not
                 (spec.tasks[t].form == "bi" and spec.tasks[t].head == "cosine")]
         if spec.shared_pair_head:

@@ -119,16 +119,11 @@ class TaskConfig:
             raise ConfigError(f"tasks.{task}.layer must be -1 (the last) or >= 0, got {self.layer}")
         if not 0 <= self.head_layers <= 3:
             raise ConfigError(f"tasks.{task}.head_layers must be in [0, 3], got {self.head_layers}")
-        from minbert.heads import PAIR_FEATURES
+        from minbert.heads import output_problem
 
-        bad = [f for f in self.features if f not in PAIR_FEATURES]
-        if bad or not self.features or len(set(self.features)) != len(self.features):
-            raise ConfigError(f"tasks.{task}.features must be distinct names from "
-                              f"{list(PAIR_FEATURES)}, got {self.features!r}")
-        if task != "sts" and (self.target, self.output) != ("0-5", "linear"):
-            raise ConfigError(f"tasks.{task}.target and .output apply to sts only")
-        if self.output == "sigmoid" and self.target != "0-1":
-            raise ConfigError(f"tasks.{task}.output 'sigmoid' needs target '0-1'")
+        problem = output_problem(task, self.features, self.target, self.output)
+        if problem:
+            raise ConfigError(f"tasks.{task}.{problem}")
         if task == "sst" and (self.form != "cross" or self.head != "concat"):
             raise ConfigError("tasks.sst is a single-sentence task: form and head do not apply")
 
