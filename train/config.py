@@ -253,10 +253,16 @@ class SimCSEConfig:
     pooling: Literal["cls", "mean"] = "mean"
     sts_threshold: float = 4.0  # sup: STS pairs scored at least this are positives
     eval_max: int | None = None  # zero-shot STS on a seeded random N of the dev pairs (None = all)
+    # joint SimCSE: add joint_weight x the unsupervised contrastive loss of each multitask
+    # micro-batch's sentences (two dropout views, pooled as each task pools, negatives gathered
+    # over the ranks) to every multitask step; 0 = off. Independent of ``enabled`` (the stage).
+    joint_weight: float = 0.0
 
     def __post_init__(self):
         if self.epochs < 1:
             raise ConfigError(f"simcse.epochs must be >= 1, got {self.epochs}")
+        if self.joint_weight < 0:
+            raise ConfigError(f"simcse.joint_weight must be >= 0 (0 = off), got {self.joint_weight}")
         for name in ("max_steps", "max_examples", "eval_max"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -321,6 +327,9 @@ class TrainConfig:
                               "parameters it projects)")
         if self.pcgrad and len(self.tasks.enabled()) < 2:
             raise ConfigError("pcgrad needs at least two enabled tasks")
+        if self.pcgrad and self.simcse.joint_weight > 0:
+            raise ConfigError("simcse.joint_weight works without pcgrad (PCGrad projects the "
+                              "tasks' gradients; the joint loss is not a task)")
         if self.eval_batch_size < 1 or self.log_every < 1 or self.keep_checkpoints < 1:
             raise ConfigError("eval_batch_size, log_every and keep_checkpoints must be >= 1")
         if self.save_every_steps is not None and self.save_every_steps < 1:

@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import kernels
+
 from minbert.checkpoint import atomic_write_text
 from minbert.heads import HeadSpec, MultitaskBert, MultitaskSpec
 from minbert.lora import apply_lora
@@ -237,12 +239,19 @@ class Trainer(Stage):
             losses = self._pcgrad_step(tasks, micro)
         else:
             weighted = self.cfg.schedule.superbatch_reduce == "weighted"
+            joint = self.cfg.simcse.joint_weight
             parts = []
             for j in range(self.accum):
                 with self._phase("forward"):
                     losses_j = [self._forward_loss(t, micro[t][j]) for t in tasks]
                     total = sum((getattr(self.cfg.tasks, t).weight if weighted else 1.0) * loss
                                 for t, loss in zip(tasks, losses_j))
+                    if joint > 0:
+                        contrastive = self._joint_simcse([(t, micro[t][j]) for t in tasks])
+                        # DeepSpeed averages the ranks' gradients; each rank's loss covers the
+                        # gathered rows but reaches only its own: x world makes it the sum
+                        total = total + joint * self.world * contrastive
+                        losses_j.append(contrastive)
                 with self._phase("backward"):
                     self.engine.backward(total)
                 with self._phase("optimizer"):
@@ -250,8 +259,24 @@ class Trainer(Stage):
                 parts.append(torch.stack([loss.detach() for loss in losses_j]))
             losses = torch.stack(parts).mean(0)  # (len(tasks),) mean over the micro-batches
         self.step += 1
-        return StepResult(self.step, list(tasks), losses, self.cfg.deepspeed.global_batch * len(tasks),
+        logged = list(tasks) + (["simcse"] if self.cfg.simcse.joint_weight > 0 and not self.cfg.pcgrad else [])
+        return StepResult(self.step, logged, losses, self.cfg.deepspeed.global_batch * len(tasks),
                           tokens, slots, time.perf_counter() - t0)
+
+    def _joint_simcse(self, batches: list[tuple[str, tuple]]) -> torch.Tensor:
+        """Unsupervised SimCSE on a micro-batch's sentences (the first sentence of pairs): two
+        passes with dropout, pooled as each task pools, rows of all ranks gathered as negatives
+        (``train.simcse.gather_rows``); ``kernels.simcse_loss`` of the two views."""
+        from .simcse import gather_rows
+
+        module = self.engine.module
+        views = [[], []]
+        for task, (kwargs, _, _) in batches:
+            args = (kwargs["input_ids"], kwargs["attention_mask"], kwargs["token_type_ids"])
+            for view in views:
+                view.append(module.embed(task, *args, packing=kwargs.get("packing")))
+        z1, z2 = (gather_rows(torch.cat(v)) for v in views)
+        return kernels.simcse_loss(z1, z2, self.cfg.simcse.temperature)
 
     def _pcgrad_step(self, tasks: list[str], micro: dict) -> torch.Tensor:
         """Per-task gradients (summed over this rank's micro-batches), averaged over ranks,

@@ -104,6 +104,8 @@ def scenarios(checkpoint: str, world: int) -> dict[str, dict]:
                                           "tasks.sts.features": ["u", "abs_diff", "cos"],
                                           "tasks.sts.target": "0-1", "tasks.sts.output": "sigmoid",
                                           "tasks.shared_pair_head": True}),
+        "joint-simcse": base(checkpoint, simcse={"joint_weight": 0.5, "temperature": 0.1},
+                             **{"deepspeed.micro_batch_per_device": micro, "model.hidden_dropout": 0.1}),
         "lora": base(checkpoint, **{"deepspeed.micro_batch_per_device": micro,
                                     "model.lora": {"r": 4, "alpha": 8.0, "dropout": 0.0,
                                                    "targets": ["query", "key", "value",
@@ -452,13 +454,40 @@ def lora_scenario(table, data, out):
             "losses": trainer.step_losses}
 
 
+def joint_simcse_scenario(table, data, out):
+    """simcse.joint_weight 0.5 with dropout on, and the same run at weight 0: the rows each
+    contrastive loss saw (every rank's micro-batch gathered), its logged values, and both runs'
+    task losses (equal at step 1, apart after the joint gradient's first update)."""
+    import kernels
+    import train.loop as loop
+
+    rows = []
+    real = kernels.simcse_loss
+
+    def recording(z1, z2, *args, **kwargs):
+        rows.append(int(z1.shape[0]))
+        return real(z1, z2, *args, **kwargs)
+
+    loop.kernels.simcse_loss = recording
+    try:
+        on = _trainer(table["joint-simcse"], data, out / "on")
+        on.fit()
+    finally:
+        loop.kernels.simcse_loss = real
+    off_cfg = copy.deepcopy(table["joint-simcse"])
+    off_cfg["simcse"]["joint_weight"] = 0.0
+    off = _trainer(off_cfg, data, out / "off")
+    off.fit()
+    return {"rows": rows, "on": on.step_losses, "off": off.step_losses}
+
+
 SCENARIO_RUNNERS = {"fp32-resume": fp32_resume, "sigterm": sigterm, "truncated": truncated,
                     "simcse-resume": simcse_resume, "offload": offload, "simcse-sup-fp32": simcse_fp32_grads,
                     "kernels-eager": lambda *a: kernels_scenario(*a, "eager"),
                     "kernels-triton": lambda *a: kernels_scenario(*a, "triton"),
                     "early-stop": early_stop_scenario,
                     **{n: (lambda *a, n=n: export_scenario(*a, n)) for n in ("mid-layer", "pair-heads")},
-                    "lora": lora_scenario,
+                    "lora": lora_scenario, "joint-simcse": joint_simcse_scenario,
                     **{name: (lambda *a, n=name: freeze_scenario(*a, n))
                        for name in ("freeze-encoder", "freeze-layers", "freeze-layers-zero3")}}
 

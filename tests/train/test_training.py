@@ -31,7 +31,7 @@ WORKER = REPO / "tests" / "train" / "ds_worker.py"
 TWO_RANK_SCENARIOS = ("zero0,zero1,zero2,zero2-padded,zero2-fused,pcgrad,fp32,fp32-resume,learn,nan,"
                       "interrupted-save,simcse-sup,simcse-unsup,sigterm,truncated,simcse-resume,offload,"
                       "simcse-sup-fp32,kernels-eager,kernels-triton,freeze-encoder,freeze-layers,"
-                      "freeze-layers-zero3,early-stop,mid-layer,lora,pair-heads")
+                      "freeze-layers-zero3,early-stop,mid-layer,lora,pair-heads,joint-simcse")
 ONE_PROC_SCENARIOS = "zero2,pcgrad,simcse-sup,simcse-sup-fp32"
 
 
@@ -700,3 +700,17 @@ def test_pair_heads_train_and_export(results):
     assert r["spec"]["tasks"]["sts"]["features"] == ["u", "abs_diff", "cos"]
     assert r["spec"]["tasks"]["sts"]["target"] == "0-1" and r["spec"]["tasks"]["sts"]["output"] == "sigmoid"
     assert r["export_matches"] and any(k.startswith("shared_pair.") for k in r["own_keys"])
+
+
+def test_joint_simcse_adds_a_contrastive_term_over_all_ranks(results):
+    """simcse.joint_weight 0.5 (2 ranks, ZeRO-2, bf16, dropout 0.1): every micro-batch adds a
+    contrastive loss over the rows of both ranks (global batch 8: 4 + 4), logged as "simcse"
+    beside the task losses; the first step's task loss equals the run without it (the same
+    weights and dropout draws), later ones differ (the joint gradient changed the weights)."""
+    r = results["two"]["joint-simcse"]
+    assert r["rows"] and set(r["rows"]) == {8} and len(r["rows"]) == 6
+    assert all("simcse" in step and 0 < step["simcse"] < 10 for step in r["on"])
+    assert all("simcse" not in step for step in r["off"])
+    task = lambda step: {k: v for k, v in step.items() if k != "simcse"}  # noqa: E731
+    assert task(r["on"][0]) == r["off"][0]
+    assert any(task(a) != b for a, b in zip(r["on"][1:], r["off"][1:]))
