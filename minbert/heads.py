@@ -196,28 +196,30 @@ class MultitaskBert(nn.Module):
                 nn.init.zeros_(head.bias)
 
     def embed(self, task: str, input_ids, attention_mask, token_type_ids,
-              packing: Packing | None = None) -> torch.Tensor:
-        """(B, L) token ids -> (B, H) pooled vector, pooled as the task's spec says."""
+              packing: Packing | None = None, perturb=None) -> torch.Tensor:
+        """(B, L) token ids -> (B, H) pooled vector, pooled as the task's spec says. ``perturb``:
+        applied to the input embeddings (``BertModel.forward``)."""
         extra = self.head_layers[task] if task in self.head_layers else ()
         out = self.bert(input_ids, attention_mask, token_type_ids, packing=packing,
-                        num_layers=self._layer[task], extra_layers=extra)
+                        num_layers=self._layer[task], extra_layers=extra, perturb=perturb)
         return pool(out, attention_mask, self.spec.tasks[task].pooling)
 
     def forward(self, task: str, input_ids, attention_mask, token_type_ids,
                 input_ids_b=None, attention_mask_b=None, token_type_ids_b=None,
-                packing: Packing | None = None, packing_b: Packing | None = None) -> torch.Tensor:
+                packing: Packing | None = None, packing_b: Packing | None = None,
+                perturb=None) -> torch.Tensor:
         """``packing`` / ``packing_b``: ``Packing.from_mask`` of the masks, computed by the data
         pipeline on the host (the encoder then reads nothing back from the device)."""
         if task not in self.heads:
             raise ValueError(f"task {task!r} has no head; heads: {list(self.heads)}")
         hs = self.spec.tasks[task]
         if task == "sst" or hs.form == "cross":
-            x = self.embed(task, input_ids, attention_mask, token_type_ids, packing)
+            x = self.embed(task, input_ids, attention_mask, token_type_ids, packing, perturb)
         else:
             if input_ids_b is None:
                 raise ValueError(f"task {task!r} is a bi-encoder: it needs the second sentence's batch")
-            u = self.embed(task, input_ids, attention_mask, token_type_ids, packing)
-            v = self.embed(task, input_ids_b, attention_mask_b, token_type_ids_b, packing_b)
+            u = self.embed(task, input_ids, attention_mask, token_type_ids, packing, perturb)
+            v = self.embed(task, input_ids_b, attention_mask_b, token_type_ids_b, packing_b, perturb)
             if hs.head == "cosine":
                 cos = F.cosine_similarity(u.float(), v.float(), dim=-1)  # (B,)
                 if task == "sts":

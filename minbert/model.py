@@ -16,6 +16,8 @@ directly. Real tokens get the same values either way (within rounding); padding 
 """
 from __future__ import annotations
 
+import typing
+
 from pathlib import Path
 
 import torch
@@ -212,6 +214,7 @@ class BertModel(nn.Module):
         packing: Packing | None = None,
         num_layers: int | None = None,
         extra_layers: "list[nn.Module] | nn.ModuleList" = (),
+        perturb: "typing.Callable[[torch.Tensor], torch.Tensor] | None" = None,
     ) -> BertOutput:
         """Encode a batch.
 
@@ -227,6 +230,8 @@ class BertModel(nn.Module):
                 None: all. The layers above are not computed.
             extra_layers: ``BertLayer``s run after them (a task head's own layers), before the
                 pooler; their outputs are part of ``hidden_states``.
+            perturb: applied to the embeddings' output before the first layer (SMART's
+                adversarial noise on the input embeddings, ``train.smart``).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
@@ -254,6 +259,8 @@ class BertModel(nn.Module):
         layers = [*self.encoder.layer[:n if num_layers is None else num_layers], *extra_layers]
 
         h = self.embeddings(input_ids, token_type_ids, packing)  # (B, L, hidden) or (T, hidden)
+        if perturb is not None:
+            h = perturb(h)
         states = [h] if output_hidden_states else None
         for layer in layers:
             h = layer(h, key_padding_mask, packing)

@@ -289,6 +289,29 @@ class SimCSEConfig:
 
 
 @dataclass
+class SmartConfig:
+    """SMART regularisation of the multitask stage (``train.smart``)."""
+
+    enabled: bool = False
+    weight: float = 1.0  # of the adversarial smoothness term
+    epsilon: float = 1e-5  # the perturbation's box (max-norm) on the input embeddings
+    step_size: float = 1e-3  # of each normalised ascent step
+    noise_std: float = 1e-5  # of the initial perturbation
+    steps: int = 1  # ascent steps
+    bregman_weight: float = 1.0  # of the proximal term against the momentum copy (0 = off)
+    momentum: float = 0.99  # of the copy's moving average
+
+    def __post_init__(self):
+        for name in ("weight", "epsilon", "step_size", "noise_std", "bregman_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"smart.{name} must be >= 0, got {getattr(self, name)}")
+        if self.steps < 1:
+            raise ConfigError(f"smart.steps must be >= 1, got {self.steps}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"smart.momentum must lie in [0, 1), got {self.momentum}")
+
+
+@dataclass
 class TrainConfig:
     name: str = "run"
     seed: int = 0
@@ -313,6 +336,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     simcse: SimCSEConfig = field(default_factory=SimCSEConfig)
+    smart: SmartConfig = field(default_factory=SmartConfig)
 
     def __post_init__(self):
         if self.epochs < 1:
@@ -327,6 +351,11 @@ class TrainConfig:
                               "parameters it projects)")
         if self.pcgrad and len(self.tasks.enabled()) < 2:
             raise ConfigError("pcgrad needs at least two enabled tasks")
+        if self.smart.enabled and self.pcgrad:
+            raise ConfigError("smart works without pcgrad (its terms are not tasks)")
+        if self.smart.enabled and self.smart.bregman_weight > 0 and self.deepspeed.zero_stage == 3:
+            raise ConfigError("smart.bregman_weight needs ZeRO stages 0-2 (its momentum copy is built "
+                              "from full weights on every rank); set it to 0 under stage 3")
         if self.pcgrad and self.simcse.joint_weight > 0:
             raise ConfigError("simcse.joint_weight works without pcgrad (PCGrad projects the "
                               "tasks' gradients; the joint loss is not a task)")

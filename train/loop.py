@@ -32,7 +32,7 @@ from minbert.heads import HeadSpec, MultitaskBert, MultitaskSpec
 from minbert.lora import apply_lora
 from minbert.tokenizer import Tokenizer
 
-from . import pcgrad
+from . import pcgrad, smart
 from .config import ConfigError, TrainConfig
 from .data import load_task
 from .export import save_multitask
@@ -140,6 +140,9 @@ class Trainer(Stage):
             self.out_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.out_dir / "config.json")
             atomic_write_text(self.out_dir / "deepspeed_config.json", json.dumps(ds_config, indent=2))
+        sc = cfg.smart  # the momentum copy starts from the initial fp32 weights (resume: its own)
+        self.teacher = smart.MomentumTeacher(model, sc.momentum, self.device) \
+            if sc.enabled and sc.bregman_weight > 0 else None
         self.build_engine(model, ds_config)  # loads the checkpoint when resuming
         self.params = [p for p in self.engine.module.parameters() if p.requires_grad]
         trainable = sum(p.numel() for p in self.params)
@@ -183,9 +186,21 @@ class Trainer(Stage):
         return [encode_batch(self.tokenizer, task, [examples[i] for i in mine[j * m:(j + 1) * m]],
                              tc.form, tc.max_length, self.device) for j in range(self.accum)]
 
-    def _forward_loss(self, task: str, batch: tuple[dict, torch.Tensor, int]) -> torch.Tensor:
+    def _forward_loss(self, task: str, batch: tuple[dict, torch.Tensor, int]):
+        """(the task loss, the SMART terms or None) of one micro-batch."""
         kwargs, labels, _ = batch
-        return self.engine.module.task_loss(task, self.engine(task, **kwargs), labels)
+        module = self.engine.module
+        prediction = self.engine(task, **kwargs)
+        loss = module.task_loss(task, prediction, labels)
+        sc = self.cfg.smart
+        if not sc.enabled:
+            return loss, None
+        extra = sc.weight * smart.smoothness(module, task, kwargs, prediction, sc.noise_std,
+                                             sc.step_size, sc.epsilon, sc.steps)
+        if self.teacher is not None:
+            extra = extra + sc.bregman_weight * smart.divergence(
+                task, prediction, self.teacher.predict(task, kwargs))
+        return loss, extra
 
     def _phase(self, name: str):
         return contextlib.nullcontext() if self.timer is None else self.timer(name)
@@ -243,9 +258,14 @@ class Trainer(Stage):
             parts = []
             for j in range(self.accum):
                 with self._phase("forward"):
-                    losses_j = [self._forward_loss(t, micro[t][j]) for t in tasks]
+                    losses_j, extras = zip(*(self._forward_loss(t, micro[t][j]) for t in tasks))
+                    losses_j = list(losses_j)
                     total = sum((getattr(self.cfg.tasks, t).weight if weighted else 1.0) * loss
                                 for t, loss in zip(tasks, losses_j))
+                    if self.cfg.smart.enabled:
+                        regulariser = sum(extras)
+                        total = total + regulariser
+                        losses_j.append(regulariser)
                     if joint > 0:
                         contrastive = self._joint_simcse([(t, micro[t][j]) for t in tasks])
                         # DeepSpeed averages the ranks' gradients; each rank's loss covers the
@@ -258,8 +278,13 @@ class Trainer(Stage):
                     self.engine.step()
                 parts.append(torch.stack([loss.detach() for loss in losses_j]))
             losses = torch.stack(parts).mean(0)  # (len(tasks),) mean over the micro-batches
+            if self.teacher is not None:
+                self.teacher.update(self.engine.module)
         self.step += 1
-        logged = list(tasks) + (["simcse"] if self.cfg.simcse.joint_weight > 0 and not self.cfg.pcgrad else [])
+        logged = list(tasks)
+        if not self.cfg.pcgrad:
+            logged += (["smart"] if self.cfg.smart.enabled else []) \
+                + (["simcse"] if self.cfg.simcse.joint_weight > 0 else [])
         return StepResult(self.step, logged, losses, self.cfg.deepspeed.global_batch * len(tasks),
                           tokens, slots, time.perf_counter() - t0)
 
@@ -399,14 +424,19 @@ class Trainer(Stage):
         return len(scores) - 1 - scores.index(max(scores)) if scores else 0
 
     def state_dict(self) -> dict:
-        return {"best_score": self.best_score, "history": self.history,
-                "finished_early": self.finished_early,
-                "samplers": {t: s.state_dict() for t, s in self.samplers.items()}}
+        state = {"best_score": self.best_score, "history": self.history,
+                 "finished_early": self.finished_early,
+                 "samplers": {t: s.state_dict() for t, s in self.samplers.items()}}
+        if self.teacher is not None:
+            state["smart_teacher"] = self.teacher.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.best_score = float(state["best_score"])
         self.history = list(state["history"])
         self.finished_early = state.get("finished_early")
+        if self.teacher is not None:
+            self.teacher.load_state_dict(state["smart_teacher"])
         for t, s in self.samplers.items():
             s.load_state_dict(state["samplers"][t])
 

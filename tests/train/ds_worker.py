@@ -106,6 +106,10 @@ def scenarios(checkpoint: str, world: int) -> dict[str, dict]:
                                           "tasks.shared_pair_head": True}),
         "joint-simcse": base(checkpoint, simcse={"joint_weight": 0.5, "temperature": 0.1},
                              **{"deepspeed.micro_batch_per_device": micro, "model.hidden_dropout": 0.1}),
+        "smart": base(checkpoint, smart={"enabled": True, "weight": 1.0, "bregman_weight": 1.0,
+                                         "momentum": 0.5, "noise_std": 1e-3, "step_size": 1e-2,
+                                         "epsilon": 1e-2},
+                      **{"deepspeed.micro_batch_per_device": micro}),
         "lora": base(checkpoint, **{"deepspeed.micro_batch_per_device": micro,
                                     "model.lora": {"r": 4, "alpha": 8.0, "dropout": 0.0,
                                                    "targets": ["query", "key", "value",
@@ -481,13 +485,35 @@ def joint_simcse_scenario(table, data, out):
     return {"rows": rows, "on": on.step_losses, "off": off.step_losses}
 
 
+def smart_scenario(table, data, out):
+    """SMART on (weight 1, Bregman 1, momentum 0.5): stop after 3 of 6 steps and resume. The
+    logged "smart" term, the momentum copy's distance from its start and from the model, and
+    whether the resumed trainer got the copy back as saved."""
+    import torch
+
+    cfg = table["smart"]
+    first = _trainer(cfg, data, out)
+    start = {k: v.clone() for k, v in first.teacher.model.state_dict().items()}
+    first.fit(stop_after=3)
+    saved = {k: v.clone() for k, v in first.teacher.model.state_dict().items()}
+    resumed = _trainer(cfg, data, out, resume=out)
+    restored = all(torch.equal(resumed.teacher.model.state_dict()[k], v) for k, v in saved.items())
+    resumed.fit()
+    model = resumed.gathered_state()
+    teacher = resumed.teacher.model.state_dict()
+    moved = max(float((teacher[k] - start[k]).abs().max()) for k in start)
+    from_model = max(float((teacher[k].float() - model[k]).abs().max()) for k in start if k in model)
+    return {"first": first.step_losses, "second": resumed.step_losses, "restored": restored,
+            "teacher_moved": moved, "teacher_from_model": from_model}
+
+
 SCENARIO_RUNNERS = {"fp32-resume": fp32_resume, "sigterm": sigterm, "truncated": truncated,
                     "simcse-resume": simcse_resume, "offload": offload, "simcse-sup-fp32": simcse_fp32_grads,
                     "kernels-eager": lambda *a: kernels_scenario(*a, "eager"),
                     "kernels-triton": lambda *a: kernels_scenario(*a, "triton"),
                     "early-stop": early_stop_scenario,
                     **{n: (lambda *a, n=n: export_scenario(*a, n)) for n in ("mid-layer", "pair-heads")},
-                    "lora": lora_scenario, "joint-simcse": joint_simcse_scenario,
+                    "lora": lora_scenario, "joint-simcse": joint_simcse_scenario, "smart": smart_scenario,
                     **{name: (lambda *a, n=name: freeze_scenario(*a, n))
                        for name in ("freeze-encoder", "freeze-layers", "freeze-layers-zero3")}}
 
