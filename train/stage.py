@@ -359,6 +359,7 @@ class Stage:
     log_stage: str | None = None  # the "stage" field of this stage's log records (None: none)
     desc = "train"  # progress bar label
     save_final = True  # save a checkpoint after the last step too (False: the stage exports instead)
+    finished_early: dict | None = None  # set by end_of_epoch to end the run there (early stopping)
 
     def __init__(self, cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path,
                  progress: bool = True, resume: str | Path | None = None):
@@ -373,7 +374,6 @@ class Stage:
         self.step = 0
         self.total_steps = self.steps_per_epoch = 0
         self.stopped: dict | None = None  # set when fit() ended early on a stop request
-        self.finished_early: dict | None = None  # set by end_of_epoch to end the run there
         self._saved_step: int | None = None
         self._last_save = time.monotonic()
         seed_everything(cfg.seed)
