@@ -70,9 +70,23 @@ def read_run(path: str | Path, name: str | None = None) -> Run:
                             "run to log its first steps")
     config = {}
     if (path / "config.json").is_file():
-        config = json.loads((path / "config.json").read_text())
+        config = with_defaults(json.loads((path / "config.json").read_text()))
     return Run(name or path.name, path, [steps[k] for k in sorted(steps)],
                [epochs[k] for k in sorted(epochs)], config, skipped)
+
+
+def with_defaults(config: dict) -> dict:
+    """``config`` over today's ``TrainConfig`` defaults: a key that a run's config.json lacks (it
+    was written before the key existed) is compared as its default, not as a difference."""
+    from .config import TrainConfig
+
+    def merge(base: dict, over: dict) -> dict:
+        out = dict(base)
+        for k, v in over.items():
+            out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+        return out
+
+    return merge(TrainConfig().to_dict(), config)
 
 
 def smooth(values: list[float], window: int) -> list[float]:

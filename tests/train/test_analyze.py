@@ -285,3 +285,20 @@ def test_report_bad_run_directories_fail_in_one_line(tmp_path):
         proc = subprocess.run([sys.executable, "-m", "train.report", str(path), "--out", str(tmp_path / "r")],
                               cwd=REPO, capture_output=True, text=True, timeout=120)
         _one_line_error(proc.returncode, proc.stderr, needle, str(path))
+
+
+def test_report_counts_a_missing_key_as_its_default(tmp_path):
+    """A run written before a config key existed is compared with the key's default: a newer run
+    that states the default explicitly does not differ, one that changes it does."""
+    a = _fake_run(tmp_path / "old", 0, 1e-4, [0.60, 0.62])
+    b = _fake_run(tmp_path / "new", 0, 1e-4, [0.60, 0.62])
+    c = _fake_run(tmp_path / "changed", 0, 1e-4, [0.60, 0.62])
+    for run, patience in ((b, 0), (c, 2)):
+        config = json.loads((run / "config.json").read_text())
+        config.update(early_stopping_patience=patience, model={"lora": {"r": 0}})
+        (run / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "report"
+    assert run_cli(report.main, [str(a), str(b), "--out", str(out)]) == 0
+    assert json.loads((out / "report.json").read_text())["config_differences"] == []
+    assert run_cli(report.main, [str(a), str(c), "--out", str(out)]) == 0
+    assert json.loads((out / "report.json").read_text())["config_differences"] == ["early_stopping_patience"]
