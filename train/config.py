@@ -318,6 +318,9 @@ class TrainConfig:
     epochs: int = 3
     steps_per_epoch: int | None = None  # None: as many as the data gives (see train.schedules)
     pcgrad: bool = False  # project conflicting task gradients (needs schedule.kind = superbatch)
+    # PCGrad from this epoch on (1-based) within one run; before it the tasks' gradients are
+    # summed unprojected through the same per-task path (null: as ``pcgrad`` says)
+    pcgrad_from_epoch: int | None = None
     eval_batch_size: int = 64
     log_every: int = 10  # steps between log lines
     keep_checkpoints: int = 2  # resumable DeepSpeed checkpoints kept (the newest ones)
@@ -343,20 +346,25 @@ class TrainConfig:
             raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise ConfigError(f"steps_per_epoch must be >= 1 or null, got {self.steps_per_epoch}")
-        if self.pcgrad and self.schedule.kind != "superbatch":
+        if self.pcgrad and self.pcgrad_from_epoch is not None:
+            raise ConfigError("set pcgrad (PCGrad from the first step) or pcgrad_from_epoch, not both")
+        if self.pcgrad_from_epoch is not None and not 1 <= self.pcgrad_from_epoch <= self.epochs:
+            raise ConfigError(f"pcgrad_from_epoch must be in [1, epochs = {self.epochs}] or null, got "
+                              f"{self.pcgrad_from_epoch}")
+        if self.pcgrad_layout and self.schedule.kind != "superbatch":
             raise ConfigError("pcgrad needs every task's gradient in each step: set "
                               "schedule.kind to 'superbatch'")
-        if self.pcgrad and self.deepspeed.zero_stage == 3:
+        if self.pcgrad_layout and self.deepspeed.zero_stage == 3:
             raise ConfigError("pcgrad works under ZeRO stages 0, 1 and 2 (stage 3 shards the "
                               "parameters it projects)")
-        if self.pcgrad and len(self.tasks.enabled()) < 2:
+        if self.pcgrad_layout and len(self.tasks.enabled()) < 2:
             raise ConfigError("pcgrad needs at least two enabled tasks")
-        if self.smart.enabled and self.pcgrad:
+        if self.smart.enabled and self.pcgrad_layout:
             raise ConfigError("smart works without pcgrad (its terms are not tasks)")
         if self.smart.enabled and self.smart.bregman_weight > 0 and self.deepspeed.zero_stage == 3:
             raise ConfigError("smart.bregman_weight needs ZeRO stages 0-2 (its momentum copy is built "
                               "from full weights on every rank); set it to 0 under stage 3")
-        if self.pcgrad and self.simcse.joint_weight > 0:
+        if self.pcgrad_layout and self.simcse.joint_weight > 0:
             raise ConfigError("simcse.joint_weight works without pcgrad (PCGrad projects the "
                               "tasks' gradients; the joint loss is not a task)")
         if self.eval_batch_size < 1 or self.log_every < 1 or self.keep_checkpoints < 1:
@@ -371,6 +379,12 @@ class TrainConfig:
             raise ConfigError(f"early_stopping_patience must be >= 0 (0 = off), got "
                               f"{self.early_stopping_patience}")
 
+    @property
+    def pcgrad_layout(self) -> bool:
+        """Whether steps go through the per-task gradient path (PCGrad now or from an epoch on):
+        DeepSpeed then sees one backward per step."""
+        return self.pcgrad or self.pcgrad_from_epoch is not None
+
     # ------------------------------------------------------------------ DeepSpeed
     def deepspeed_config(self, world_size: int, monitor_dir: str | None = None,
                          hidden_size: int | None = None) -> dict:
@@ -384,7 +398,7 @@ class TrainConfig:
         ds = self.deepspeed
         accum = ds.grad_accum(world_size)
         micro = ds.micro_batch_per_device
-        if self.pcgrad:
+        if self.pcgrad_layout:
             micro, accum = micro * accum, 1
         out: dict[str, Any] = {
             "train_batch_size": ds.global_batch,

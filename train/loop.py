@@ -250,8 +250,10 @@ class Trainer(Stage):
             micro = {t: self._micro_batches(t) for t in tasks}
         tokens = sum(b[2] for t in tasks for b in micro[t])
         slots = sum(padded_tokens(b[0]) for t in tasks for b in micro[t])
-        if self.cfg.pcgrad:
-            losses = self._pcgrad_step(tasks, micro)
+        if self.cfg.pcgrad_layout:
+            epoch = self.step // self.steps_per_epoch + 1
+            start = 1 if self.cfg.pcgrad else self.cfg.pcgrad_from_epoch
+            losses = self._pcgrad_step(tasks, micro, project=epoch >= start)
         else:
             weighted = self.cfg.schedule.superbatch_reduce == "weighted"
             joint = self.cfg.simcse.joint_weight
@@ -282,7 +284,7 @@ class Trainer(Stage):
                 self.teacher.update(self.engine.module)
         self.step += 1
         logged = list(tasks)
-        if not self.cfg.pcgrad:
+        if not self.cfg.pcgrad_layout:
             logged += (["smart"] if self.cfg.smart.enabled else []) \
                 + (["simcse"] if self.cfg.simcse.joint_weight > 0 else [])
         return StepResult(self.step, logged, losses, self.cfg.deepspeed.global_batch * len(tasks),
@@ -303,10 +305,11 @@ class Trainer(Stage):
         z1, z2 = (gather_rows(torch.cat(v)) for v in views)
         return kernels.simcse_loss(z1, z2, self.cfg.simcse.temperature)
 
-    def _pcgrad_step(self, tasks: list[str], micro: dict) -> torch.Tensor:
+    def _pcgrad_step(self, tasks: list[str], micro: dict, project: bool = True) -> torch.Tensor:
         """Per-task gradients (summed over this rank's micro-batches), averaged over ranks,
-        projected, and fed to DeepSpeed as one backward (its accumulation is 1 under PCGrad).
-        Returns this rank's mean loss per task, on the device."""
+        projected (or, ``project`` False, summed as they are: ``pcgrad_from_epoch``'s epochs
+        before PCGrad), and fed to DeepSpeed as one backward (its accumulation is 1 under
+        PCGrad). Returns this rank's mean loss per task, on the device."""
         weighted = self.cfg.schedule.superbatch_reduce == "weighted"
         module = self.engine.module
         # Per-task gradients are taken w.r.t. storage-sharing aliases of the parameters, through
@@ -333,7 +336,8 @@ class Trainer(Stage):
             losses.append(torch.stack(task_losses).mean())
         with self._phase("backward"):
             stacked = pcgrad.all_reduce_mean(torch.stack(grads))
-            combined = pcgrad.project(stacked, order_seed=self.cfg.seed * 1_000_003 + self.step)
+            combined = pcgrad.project(stacked, order_seed=self.cfg.seed * 1_000_003 + self.step) \
+                if project else stacked.sum(0)
             self.engine.backward(pcgrad.surrogate_loss(self.params, combined))
         with self._phase("optimizer"):
             self.engine.step()

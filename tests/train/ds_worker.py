@@ -106,6 +106,9 @@ def scenarios(checkpoint: str, world: int) -> dict[str, dict]:
                                           "tasks.shared_pair_head": True}),
         "joint-simcse": base(checkpoint, simcse={"joint_weight": 0.5, "temperature": 0.1},
                              **{"deepspeed.micro_batch_per_device": micro, "model.hidden_dropout": 0.1}),
+        **{name: base(checkpoint, epochs=2, steps_per_epoch=3, **{
+            "schedule.kind": "superbatch", "deepspeed.micro_batch_per_device": micro // 2}, **extra)
+           for name, extra in (("pcgrad-from-2", {"pcgrad_from_epoch": 2}), ("superbatch", {}))},
         "smart": base(checkpoint, smart={"enabled": True, "weight": 1.0, "bregman_weight": 1.0,
                                          "momentum": 0.5, "noise_std": 1e-3, "step_size": 1e-2,
                                          "epsilon": 1e-2},
@@ -507,6 +510,31 @@ def smart_scenario(table, data, out):
             "teacher_moved": moved, "teacher_from_model": from_model}
 
 
+def pcgrad_from_scenario(table, data, out):
+    """pcgrad_from_epoch 2 of 2 (3 steps each) against plain superbatch steps: the projection
+    runs only in epoch 2, and epoch 1 (the tasks' gradients summed through the per-task path)
+    trains like the plain run."""
+    import train.loop as loop
+
+    calls = []
+    real = loop.pcgrad.project
+
+    def counting(grads, order_seed):
+        calls.append(order_seed)
+        return real(grads, order_seed)
+
+    loop.pcgrad.project = counting
+    try:
+        late = _trainer(table["pcgrad-from-2"], data, out / "late")
+        late.fit()
+    finally:
+        loop.pcgrad.project = real
+    plain = _trainer(table["superbatch"], data, out / "plain")
+    plain.fit()
+    return {"project_calls": len(calls), "late": late.step_losses, "plain": plain.step_losses,
+            "ds_accum": late.ds_config["gradient_accumulation_steps"]}
+
+
 SCENARIO_RUNNERS = {"fp32-resume": fp32_resume, "sigterm": sigterm, "truncated": truncated,
                     "simcse-resume": simcse_resume, "offload": offload, "simcse-sup-fp32": simcse_fp32_grads,
                     "kernels-eager": lambda *a: kernels_scenario(*a, "eager"),
@@ -514,6 +542,7 @@ SCENARIO_RUNNERS = {"fp32-resume": fp32_resume, "sigterm": sigterm, "truncated":
                     "early-stop": early_stop_scenario,
                     **{n: (lambda *a, n=n: export_scenario(*a, n)) for n in ("mid-layer", "pair-heads")},
                     "lora": lora_scenario, "joint-simcse": joint_simcse_scenario, "smart": smart_scenario,
+                    "pcgrad-from-2": pcgrad_from_scenario,
                     **{name: (lambda *a, n=name: freeze_scenario(*a, n))
                        for name in ("freeze-encoder", "freeze-layers", "freeze-layers-zero3")}}
 

@@ -31,7 +31,7 @@ WORKER = REPO / "tests" / "train" / "ds_worker.py"
 TWO_RANK_SCENARIOS = ("zero0,zero1,zero2,zero2-padded,zero2-fused,pcgrad,fp32,fp32-resume,learn,nan,"
                       "interrupted-save,simcse-sup,simcse-unsup,sigterm,truncated,simcse-resume,offload,"
                       "simcse-sup-fp32,kernels-eager,kernels-triton,freeze-encoder,freeze-layers,"
-                      "freeze-layers-zero3,early-stop,mid-layer,lora,pair-heads,joint-simcse,smart")
+                      "freeze-layers-zero3,early-stop,mid-layer,lora,pair-heads,joint-simcse,smart,pcgrad-from-2")
 ONE_PROC_SCENARIOS = "zero2,pcgrad,simcse-sup,simcse-sup-fp32"
 
 
@@ -638,6 +638,10 @@ def test_freeze_and_patience_config_errors():
     assert ModelConfig(freeze="layers:2-5").freeze_layers() == (2, 5)
     with pytest.raises(ConfigError, match="early_stopping_patience"):
         TrainConfig(early_stopping_patience=-1)
+    with pytest.raises(ConfigError, match="not both"):
+        TrainConfig(pcgrad=True, pcgrad_from_epoch=1, schedule={"kind": "superbatch"})
+    with pytest.raises(ConfigError, match=r"pcgrad_from_epoch must be in \[1, epochs = 3\]"):
+        TrainConfig(pcgrad_from_epoch=4)
     from train.config import TaskConfig, TasksConfig
 
     for bad, match in ((dict(features=["u", "u"]), "features must be distinct"),
@@ -730,3 +734,16 @@ def test_smart_adds_its_terms_and_resumes_its_momentum_copy(results):
     assert first == plain[0]
     assert any({k: v for k, v in a.items() if k != "smart"} != b for a, b in zip(steps[1:], plain[1:]))
     assert r["restored"] and r["teacher_moved"] > 0 and r["teacher_from_model"] > 0
+
+
+def test_pcgrad_from_epoch_projects_only_from_that_epoch(results):
+    """pcgrad_from_epoch 2 (2 ranks, ZeRO-2, bf16, superbatch, 2 micro-batches a rank): PCGrad's
+    projection runs in the 3 steps of epoch 2 only, DeepSpeed accumulates nothing (one backward
+    per step, as under PCGrad), and epoch 1 trains like plain superbatch steps (losses within the
+    bf16 budget: the gradient is summed per task instead of per micro-batch)."""
+    r = results["two"]["pcgrad-from-2"]
+    assert r["project_calls"] == 3
+    assert r["ds_accum"] == 1
+    _assert_losses_close(r["late"][:3], r["plain"][:3], BF16_REL)
+    _assert_losses_close(r["late"][:1], r["plain"][:1], 2e-3)
+    assert len(r["late"]) == 6
