@@ -93,6 +93,10 @@ class TaskConfig:
     max_train: int | None = None  # train on a seeded random N of the examples (None = all)
     max_eval: int | None = None  # evaluate on a seeded random N of the dev examples (None = all)
     max_length: int = 128  # tokens per sequence (pairs: both sentences together)
+    # examples of this task per optimizer step over all ranks (null: deepspeed.global_batch);
+    # the accumulation steps stay DeepSpeed's, so the task's micro-batches are
+    # global_batch / (accumulation x world size) examples
+    global_batch: int | None = None
     # the encoder layer whose hidden states feed the head (0 = the embeddings, -1 = the last);
     # the layers above it are not computed for this task
     layer: int = -1
@@ -115,6 +119,8 @@ class TaskConfig:
                 raise ConfigError(f"tasks.{task}.{name} must be >= 1 or null, got {value}")
         if self.max_length < 8:
             raise ConfigError(f"tasks.{task}.max_length must be >= 8, got {self.max_length}")
+        if self.global_batch is not None and self.global_batch < 1:
+            raise ConfigError(f"tasks.{task}.global_batch must be >= 1 or null, got {self.global_batch}")
         if self.layer < -1:
             raise ConfigError(f"tasks.{task}.layer must be -1 (the last) or >= 0, got {self.layer}")
         if not 0 <= self.head_layers <= 3:
@@ -378,6 +384,19 @@ class TrainConfig:
         if self.early_stopping_patience < 0:
             raise ConfigError(f"early_stopping_patience must be >= 0 (0 = off), got "
                               f"{self.early_stopping_patience}")
+
+    def task_batch(self, task: str) -> int:
+        """Examples of ``task`` per optimizer step, over all ranks."""
+        return getattr(self.tasks, task).global_batch or self.deepspeed.global_batch
+
+    def check_task_batches(self, world_size: int) -> None:
+        """Every task's batch splits into the same accumulation steps as DeepSpeed's."""
+        per_micro = self.deepspeed.grad_accum(world_size) * world_size
+        for t in self.tasks.enabled():
+            if self.task_batch(t) % per_micro:
+                raise ConfigError(f"tasks.{t}.global_batch ({self.task_batch(t)}) is not a multiple of "
+                                  f"the accumulation steps x world size ({per_micro}): each rank "
+                                  f"takes the same number of micro-batches of every task")
 
     @property
     def pcgrad_layout(self) -> bool:

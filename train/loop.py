@@ -118,13 +118,15 @@ class Trainer(Stage):
         super().__init__(cfg, data_dir, out_dir, progress, resume)
         self.desc = f"train {cfg.name}"
         self.accum = cfg.deepspeed.grad_accum(self.world)  # checks the batch sizes first
+        cfg.check_task_batches(self.world)
 
         self.tasks = cfg.tasks.enabled()
         self.train_data = {t: self._load(t, "train", getattr(cfg.tasks, t).max_train) for t in self.tasks}
         self.dev_data = {t: self._load(t, "dev", getattr(cfg.tasks, t).max_eval) for t in self.tasks}
         self.tokenizer = Tokenizer.from_pretrained(cfg.model.checkpoint)
         self.schedule = Schedule(cfg.schedule, {t: len(d) for t, d in self.train_data.items()},
-                                 cfg.deepspeed.global_batch, cfg.epochs, cfg.seed, cfg.steps_per_epoch)
+                                 {t: cfg.task_batch(t) for t in self.tasks}, cfg.epochs, cfg.seed,
+                                 cfg.steps_per_epoch)
         self.samplers = build_samplers(cfg, self.train_data, self.tokenizer)
         self.total_steps, self.steps_per_epoch = self.schedule.total_steps, self.schedule.steps_per_epoch
         self.best_score = -math.inf
@@ -179,7 +181,7 @@ class Trainer(Stage):
     def _micro_batches(self, task: str) -> list[tuple[dict, torch.Tensor, int]]:
         """This rank's micro-batches of ``task`` for the current step, tokenised and on the
         device: (model keyword arguments with the host-computed packing, labels, real tokens)."""
-        mine = self._rank_slice(self.samplers[task].take(self.cfg.deepspeed.global_batch))
+        mine = self._rank_slice(self.samplers[task].take(self.cfg.task_batch(task)))
         m = len(mine) // self.accum
         examples = self.train_data[task]
         tc = getattr(self.cfg.tasks, task)
@@ -287,7 +289,7 @@ class Trainer(Stage):
         if not self.cfg.pcgrad_layout:
             logged += (["smart"] if self.cfg.smart.enabled else []) \
                 + (["simcse"] if self.cfg.simcse.joint_weight > 0 else [])
-        return StepResult(self.step, logged, losses, self.cfg.deepspeed.global_batch * len(tasks),
+        return StepResult(self.step, logged, losses, sum(self.cfg.task_batch(t) for t in tasks),
                           tokens, slots, time.perf_counter() - t0)
 
     def _joint_simcse(self, batches: list[tuple[str, tuple]]) -> torch.Tensor:

@@ -94,16 +94,18 @@ class TaskSampler:
 class Schedule:
     """The task(s) of every step, for ``epochs`` epochs of ``steps_per_epoch`` steps."""
 
-    def __init__(self, cfg: ScheduleConfig, sizes: dict[str, int], global_batch: int, epochs: int,
-                 seed: int, steps_per_epoch: int | None = None):
+    def __init__(self, cfg: ScheduleConfig, sizes: dict[str, int], global_batch: int | dict[str, int],
+                 epochs: int, seed: int, steps_per_epoch: int | None = None):
+        """``global_batch``: examples per step, one number or one per task."""
         if not sizes:
             raise ValueError("the schedule needs at least one task")
         self.cfg, self.tasks, self.seed = cfg, list(sizes), seed
         self.sizes = np.array([sizes[t] for t in self.tasks], dtype=np.float64)
-        batches = [math.ceil(n / global_batch) for n in self.sizes]
+        per_task = [global_batch[t] if isinstance(global_batch, dict) else global_batch for t in self.tasks]
+        batches = [math.ceil(n / b) for n, b in zip(self.sizes, per_task)]
         if steps_per_epoch is None:
             if cfg.kind == "superbatch":  # each step sees every task: same examples per epoch
-                steps_per_epoch = math.ceil(sum(self.sizes) / (global_batch * len(self.tasks)))
+                steps_per_epoch = math.ceil(sum(self.sizes) / sum(per_task))
             else:
                 steps_per_epoch = sum(batches)
         self.steps_per_epoch = max(1, int(steps_per_epoch))

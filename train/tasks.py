@@ -77,10 +77,10 @@ def build_samplers(cfg, train_data: dict[str, Sequence], tokenizer: Tokenizer) -
     to whole steps."""
     from .schedules import TaskSampler
 
-    batch = cfg.deepspeed.global_batch
-    window = max(1, round(cfg.data.group_window * cfg.deepspeed.micro_batch_per_device / batch))
     samplers = {}
     for i, (t, examples) in enumerate(train_data.items()):
+        batch = cfg.task_batch(t)
+        window = max(1, round(cfg.data.group_window * cfg.deepspeed.micro_batch_per_device / batch))
         lengths = None
         if cfg.data.group_by_length:
             tc = getattr(cfg.tasks, t)

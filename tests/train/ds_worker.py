@@ -109,6 +109,8 @@ def scenarios(checkpoint: str, world: int) -> dict[str, dict]:
         **{name: base(checkpoint, epochs=2, steps_per_epoch=3, **{
             "schedule.kind": "superbatch", "deepspeed.micro_batch_per_device": micro // 2}, **extra)
            for name, extra in (("pcgrad-from-2", {"pcgrad_from_epoch": 2}), ("superbatch", {}))},
+        "task-batch": base(checkpoint, **{"deepspeed.micro_batch_per_device": micro,
+                                          "tasks.sst.global_batch": 16, "tasks.sts.global_batch": 4}),
         "smart": base(checkpoint, smart={"enabled": True, "weight": 1.0, "bregman_weight": 1.0,
                                          "momentum": 0.5, "noise_std": 1e-3, "step_size": 1e-2,
                                          "epsilon": 1e-2},
@@ -535,6 +537,24 @@ def pcgrad_from_scenario(table, data, out):
             "ds_accum": late.ds_config["gradient_accumulation_steps"]}
 
 
+def task_batch_scenario(table, data, out):
+    """tasks.sst.global_batch 16 and tasks.sts.global_batch 4 beside the default 8 (quora): the
+    examples each step's micro-batches hold on this rank, and the schedule's steps per epoch."""
+    trainer = _trainer(table["task-batch"], data, out)
+    real = trainer._micro_batches
+    seen = []
+
+    def recording(task):
+        batches = real(task)
+        seen.append((task, [int(labels.shape[0]) for _, labels, _ in batches]))
+        return batches
+
+    trainer._micro_batches = recording
+    trainer.fit()
+    return {"seen": seen, "world": trainer.world, "accum": trainer.accum,
+            "steps_per_epoch": trainer.steps_per_epoch, "losses": trainer.step_losses}
+
+
 SCENARIO_RUNNERS = {"fp32-resume": fp32_resume, "sigterm": sigterm, "truncated": truncated,
                     "simcse-resume": simcse_resume, "offload": offload, "simcse-sup-fp32": simcse_fp32_grads,
                     "kernels-eager": lambda *a: kernels_scenario(*a, "eager"),
@@ -542,7 +562,7 @@ SCENARIO_RUNNERS = {"fp32-resume": fp32_resume, "sigterm": sigterm, "truncated":
                     "early-stop": early_stop_scenario,
                     **{n: (lambda *a, n=n: export_scenario(*a, n)) for n in ("mid-layer", "pair-heads")},
                     "lora": lora_scenario, "joint-simcse": joint_simcse_scenario, "smart": smart_scenario,
-                    "pcgrad-from-2": pcgrad_from_scenario,
+                    "pcgrad-from-2": pcgrad_from_scenario, "task-batch": task_batch_scenario,
                     **{name: (lambda *a, n=name: freeze_scenario(*a, n))
                        for name in ("freeze-encoder", "freeze-layers", "freeze-layers-zero3")}}
 

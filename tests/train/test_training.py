@@ -31,7 +31,7 @@ WORKER = REPO / "tests" / "train" / "ds_worker.py"
 TWO_RANK_SCENARIOS = ("zero0,zero1,zero2,zero2-padded,zero2-fused,pcgrad,fp32,fp32-resume,learn,nan,"
                       "interrupted-save,simcse-sup,simcse-unsup,sigterm,truncated,simcse-resume,offload,"
                       "simcse-sup-fp32,kernels-eager,kernels-triton,freeze-encoder,freeze-layers,"
-                      "freeze-layers-zero3,early-stop,mid-layer,lora,pair-heads,joint-simcse,smart,pcgrad-from-2")
+                      "freeze-layers-zero3,early-stop,mid-layer,lora,pair-heads,joint-simcse,smart,pcgrad-from-2,task-batch")
 ONE_PROC_SCENARIOS = "zero2,pcgrad,simcse-sup,simcse-sup-fp32"
 
 
@@ -747,3 +747,29 @@ def test_pcgrad_from_epoch_projects_only_from_that_epoch(results):
     _assert_losses_close(r["late"][:3], r["plain"][:3], BF16_REL)
     _assert_losses_close(r["late"][:1], r["plain"][:1], 2e-3)
     assert len(r["late"]) == 6
+
+
+def test_per_task_batches_give_the_examples_per_step_they_say(results):
+    """tasks.<t>.global_batch (2 ranks, ZeRO-2, bf16): SST steps take 16 examples, Quora the
+    default 8 and STS 4, over both ranks, in DeepSpeed's accumulation steps."""
+    r = results["two"]["task-batch"]
+    want = {"sst": 16, "quora": 8, "sts": 4}
+    assert {t for t, _ in r["seen"]} == set(want) and len(r["seen"]) == 6
+    for task, sizes in r["seen"]:
+        assert len(sizes) == r["accum"] and sum(sizes) * r["world"] == want[task], (task, sizes)
+    assert r["world"] == 2 and len(r["losses"]) == 6
+
+
+def test_per_task_batch_that_does_not_split_is_refused():
+    """global batch 8 of micro-batches of 2 on one rank: 4 accumulation steps, so a task batch of
+    6 cannot be split evenly and is refused naming the key; 12 is fine."""
+    from train.config import ConfigError, TrainConfig, from_dict
+
+    def cfg(sts_batch):
+        return from_dict(TrainConfig, {"tasks": {"sts": {"global_batch": sts_batch}},
+                                       "deepspeed": {"global_batch": 8, "micro_batch_per_device": 2}})
+
+    with pytest.raises(ConfigError, match=r"tasks.sts.global_batch \(6\) is not a multiple"):
+        cfg(6).check_task_batches(1)
+    cfg(12).check_task_batches(1)
+    assert cfg(12).task_batch("sts") == 12 and cfg(12).task_batch("sst") == 8
