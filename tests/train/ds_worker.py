@@ -55,9 +55,13 @@ def base(checkpoint: str, **changes) -> dict:
     return cfg
 
 
+# options that also run under ZeRO-3 (parameters partitioned over the ranks), as "<name>-zero3"
+ZERO3_OPTIONS = ("lora", "mid-layer", "pair-heads", "joint-simcse", "task-batch")
+
+
 def scenarios(checkpoint: str, world: int) -> dict[str, dict]:
     micro = 8 // world  # the same global batch (8) on any world size
-    return {
+    table = {
         **{f"zero{s}": base(checkpoint, **{"deepspeed.zero_stage": s,
                                           "deepspeed.micro_batch_per_device": micro}) for s in (0, 1, 2)},
         # the padded encoder (BertConfig.unpad off) on the same batches as zero2 (unpadded)
@@ -126,6 +130,11 @@ def scenarios(checkpoint: str, world: int) -> dict[str, dict]:
             "tasks.sts.enabled": False, "tasks.sst.max_eval": 4, "tasks.sst.max_length": 48})
            for k in ("eager", "triton")},
     }
+    for name in ZERO3_OPTIONS:
+        cfg = copy.deepcopy(table[name])
+        cfg["deepspeed"]["zero_stage"] = 3
+        table[f"{name}-zero3"] = cfg
+    return table
 
 
 KERNEL_STEPS = 4
