@@ -43,14 +43,16 @@ def project(grads: torch.Tensor, order_seed: int) -> torch.Tensor:
     rng = np.random.default_rng(order_seed)
     out = torch.zeros_like(grads[0])
     norms_sq = (grads * grads).sum(dim=1)  # (T,)
+    safe = torch.where(norms_sq > 0, norms_sq, torch.ones_like(norms_sq))
     for i in range(T):
         g = grads[i].clone()
         for j in rng.permutation(T).tolist():
-            if j == i or norms_sq[j] == 0:
+            if j == i:
                 continue
+            # the conflict test as a device-side factor (no host read: a sync per pair on a GPU);
+            # a zero gradient never conflicts (dot = 0)
             dot = torch.dot(g, grads[j])
-            if dot < 0:
-                g -= (dot / norms_sq[j]) * grads[j]
+            g -= torch.where(dot < 0, dot / safe[j], torch.zeros_like(dot)) * grads[j]
         out += g
     return out
 
