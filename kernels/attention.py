@@ -168,7 +168,7 @@ def _dropout_keep(seed, bh, q_start, k_start, drop_threshold, BLOCK_Q: tl.conste
     BLOCK_Q) and keys j in [k_start, k_start + BLOCK_K): shape (BLOCK_Q, BLOCK_K), or (BLOCK_K,
     BLOCK_Q) when ``KEYS_ON_ROWS`` (the transposed tiles of dK/dV).
 
-    One Philox-4x32-10 call decides 16 elements: the counter (i << 12 | j // 16, bh = b * H + h,
+    One Philox-4x32-7 call decides 16 elements: the counter (i << 12 | j // 16, bh = b * H + h,
     seed low word, seed high word) under the constant key gives 4 x 32 bits, and byte t of them
     (word t // 4, bits 8 * (t % 4) and up) keeps element (i, 16 * (j // 16) + t) when it is >=
     ``drop_threshold`` = round(256 p) (``attention_dropout_p``: p in steps of 1/256, as
@@ -885,19 +885,30 @@ def _dropout_args(dropout_p: float) -> tuple[int, float]:
     return t, 256.0 / (256 - t)
 
 
-def _seed_arg(seed: int | torch.Tensor | None, dropout_p: float, device: torch.device) -> torch.Tensor:
-    """The (1,) int64 dropout seed the kernels load from their SEED pointer (``dropout_seed``: the
-    caller's int or device tensor, or, for None, a draw from torch's generator for ``device``; no
-    host read either way). Without dropout the key is never read: an unfilled placeholder, so
-    no draw advances the generator."""
+def _op_seed(seed: int | torch.Tensor | None, dropout_p: float, device: torch.device):
+    """The dropout seed of one call: None without dropout (nothing drawn, so no draw advances the
+    generator), else ``dropout_seed``'s (1,) int64 device tensor: the caller's int or tensor, or
+    for None a draw from torch's generator for ``device``; no host read either way. A caller's
+    tensor is copied (on the device): the backward must see the forward's key even if the caller
+    advances its tensor in place in between."""
     if dropout_p > 0.0:
         key = dropout_seed(seed, device)
-        # a caller's tensor is copied (on the device): the backward must see the forward's key
-        # even if the caller advances its tensor in place in between
         return key.clone() if isinstance(seed, torch.Tensor) else key
     if seed is not None:
         check_seed(seed, device)
-    return torch.empty(1, dtype=torch.int64, device=device)
+    return None
+
+
+def _kernel_seed(seed: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """The SEED pointer argument: ``seed``, or without dropout (None) an unfilled placeholder
+    the kernels never read."""
+    return torch.empty(1, dtype=torch.int64, device=device) if seed is None else seed
+
+
+def _seed_arg(seed: int | torch.Tensor | None, dropout_p: float, device: torch.device) -> torch.Tensor:
+    """The (1,) int64 dropout seed the kernels load from their SEED pointer (``_op_seed``, or a
+    placeholder without dropout)."""
+    return _kernel_seed(_op_seed(seed, dropout_p, device), device)
 
 
 def _check_seed_tensor(seed: torch.Tensor, device: torch.device) -> None:
@@ -959,15 +970,14 @@ def _launch_fwd(q, k, v, o, lse, mask, cu_seqlens, seed, strides, stat_strides, 
     cfg = _config(D, q.dtype).fwd
     has_mask = mask is not None
     mask, stride_mb = _mask_arg(mask, lse)
+    threshold, dropout_scale = _dropout_args(dropout_p)
     _attention_fwd_kernel[(triton.cdiv(L, cfg.block_m) * B * H,)](
         q, k, v, mask, cu_seqlens, seed, o, lse,
         *strides(q), *strides(k), *strides(v), *strides(o), stride_mb, *stat_strides,
-        H, L, scale * _LOG2E, *_dropout_args(dropout_p),
+        H, L, scale * _LOG2E, threshold, dropout_scale,
         HEAD_DIM=D, D_CHUNK=cfg.chunk(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        HAS_MASK=has_mask,
-        HAS_DROPOUT=_drop_threshold(dropout_p) > 0, INPUT_PRECISION=_input_precision(q.dtype),
-        VARLEN=varlen,
-        num_warps=cfg.num_warps, num_stages=cfg.stages(_drop_threshold(dropout_p) > 0))
+        HAS_MASK=has_mask, HAS_DROPOUT=threshold > 0, INPUT_PRECISION=_input_precision(q.dtype),
+        VARLEN=varlen, num_warps=cfg.num_warps, num_stages=cfg.stages(threshold > 0))
 
 
 def _launch_bwd(do, q, k, v, o, lse, mask, cu_seqlens, seed, dq, dk, dv, strides, stat_strides,
@@ -983,9 +993,11 @@ def _launch_bwd(do, q, k, v, o, lse, mask, cu_seqlens, seed, dq, dk, dv, strides
         HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=_PRE_BLOCK_M, num_warps=4)
     has_mask = mask is not None
     mask, stride_mb = _mask_arg(mask, lse)
-    common = dict(HEAD_DIM=D, HAS_MASK=has_mask, HAS_DROPOUT=_drop_threshold(dropout_p) > 0,
+    threshold, dropout_scale = _dropout_args(dropout_p)
+    has_dropout = threshold > 0
+    common = dict(HEAD_DIM=D, HAS_MASK=has_mask, HAS_DROPOUT=has_dropout,
                   INPUT_PRECISION=_input_precision(q.dtype), VARLEN=varlen)
-    scalars = (H, L, scale * _LOG2E, scale, *_dropout_args(dropout_p))
+    scalars = (H, L, scale * _LOG2E, scale, threshold, dropout_scale)
     t = cfg.dkdv
     need_q, need_k, need_v = needs
     dkdv_grads = cfg.dkdv_grads if need_k and need_v else ("dk",) if need_k else ("dv",) if need_v else ()
@@ -995,7 +1007,7 @@ def _launch_bwd(do, q, k, v, o, lse, mask, cu_seqlens, seed, dq, dk, dv, strides
             *strides(q), *strides(k), *strides(v), *strides(do), *strides(dk), *strides(dv),
             stride_mb, *stat_strides, *scalars,
             D_CHUNK=t.chunk(D), BLOCK_M=t.block_m, BLOCK_N=t.block_n, GRADS=grads,
-            num_warps=t.num_warps, num_stages=t.stages(common["HAS_DROPOUT"]), **common)
+            num_warps=t.num_warps, num_stages=t.stages(has_dropout), **common)
     if not need_q:
         return
     t = cfg.dq
@@ -1004,7 +1016,7 @@ def _launch_bwd(do, q, k, v, o, lse, mask, cu_seqlens, seed, dq, dk, dv, strides
         *strides(q), *strides(k), *strides(v), *strides(do), *strides(dq),
         stride_mb, *stat_strides, *scalars,
         D_CHUNK=t.chunk(D), BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps,
-        num_stages=t.stages(common["HAS_DROPOUT"]), **common)
+        num_stages=t.stages(has_dropout), **common)
 
 
 def attention_fwd(
@@ -1030,14 +1042,19 @@ def attention_fwd(
         (o (B, H, L, D) in q's dtype and layout, lse (B, H, L) fp32 (+inf on all-padding rows),
         the (1,) int64 seed tensor used, the softmax scale used).
     """
+    dropout_p, scale, device = _check_forward(q, k, v, key_padding_mask, dropout_p, softmax_scale)
+    seed = _seed_arg(seed, dropout_p, device)
+    o, lse = _attention_fwd_checked(q, k, v, key_padding_mask, dropout_p, scale, seed)
+    return o, lse, seed, scale
+
+
+def _check_forward(q, k, v, key_padding_mask, dropout_p, softmax_scale):
+    """The forward's input checks (no host read): (dropout_p, softmax scale, device)."""
     B, H, L, D = _check_qkv(q, k, v)
     _check_mask(key_padding_mask, B, L)
     dropout_p = _check_dropout(dropout_p)
     scale = _check_scale(softmax_scale, D)
-    device = _check_device(q=q, k=k, v=v, key_padding_mask=key_padding_mask)
-    seed = _seed_arg(seed, dropout_p, device)
-    o, lse = _attention_fwd_checked(q, k, v, key_padding_mask, dropout_p, scale, seed)
-    return o, lse, seed, scale
+    return dropout_p, scale, _check_device(q=q, k=k, v=v, key_padding_mask=key_padding_mask)
 
 
 def _attention_fwd_checked(q, k, v, key_padding_mask, dropout_p, scale, seed):
@@ -1139,9 +1156,8 @@ def _attention_dropout_mask(shape: tuple[int, int, int] | torch.Size, p: float,
            "float softmax_scale) -> (Tensor, Tensor)")
 def _attention_op(q, k, v, key_padding_mask, seed, dropout_p, softmax_scale):
     # the checks ran in _attention_triton; the fake repeats the shape checks for traced calls
-    if seed is None:  # no dropout: the kernels never read it
-        seed = torch.empty(1, dtype=torch.int64, device=q.device)
-    return _attention_fwd_checked(q, k, v, key_padding_mask, dropout_p, softmax_scale, seed)
+    return _attention_fwd_checked(q, k, v, key_padding_mask, dropout_p, softmax_scale,
+                                  _kernel_seed(seed, q.device))
 
 
 @_attention_op.register_fake
@@ -1156,10 +1172,8 @@ def _(q, k, v, key_padding_mask, seed, dropout_p, softmax_scale):
     schema="(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor? key_padding_mask, "
            "Tensor? seed, float dropout_p, float softmax_scale, bool[] needs) -> (Tensor, Tensor, Tensor)")
 def _attention_bwd_op(do, q, k, v, o, lse, key_padding_mask, seed, dropout_p, softmax_scale, needs):
-    if seed is None:  # no dropout: the kernels never read it
-        seed = torch.empty(1, dtype=torch.int64, device=q.device)
-    grads = attention_bwd(do, q, k, v, o, lse, key_padding_mask, dropout_p, softmax_scale, seed,
-                          tuple(needs))
+    grads = attention_bwd(do, q, k, v, o, lse, key_padding_mask, dropout_p, softmax_scale,
+                          _kernel_seed(seed, q.device), tuple(needs))
     return tuple(op_output(g, q) for g in grads)
 
 
@@ -1190,26 +1204,10 @@ torch.library.register_autograd("minbert::attention", _attention_backward,
                                 setup_context=_attention_setup_context)
 
 
-def _op_seed(seed: int | torch.Tensor | None, dropout_p: float, device: torch.device):
-    """The seed tensor the ops take: None without dropout, else ``dropout_seed``'s (1,) int64
-    device tensor (a caller's tensor copied, so the backward sees the forward's key even if
-    the caller advances its tensor in place)."""
-    if dropout_p > 0.0:
-        key = dropout_seed(seed, device)
-        return key.clone() if isinstance(seed, torch.Tensor) else key
-    if seed is not None:
-        check_seed(seed, device)
-    return None
-
-
 def _attention_triton(q, k, v, key_padding_mask=None, dropout_p=0.0, softmax_scale=None, seed=None):
     """Multi-head attention on the Triton kernels (the ``minbert::attention`` op); see
     ``attention_ref``. (B, H, L, D) in and out."""
-    B, H, L, D = _check_qkv(q, k, v)
-    _check_mask(key_padding_mask, B, L)
-    dropout_p = _check_dropout(dropout_p)
-    scale = _check_scale(softmax_scale, D)
-    device = _check_device(q=q, k=k, v=v, key_padding_mask=key_padding_mask)
+    dropout_p, scale, device = _check_forward(q, k, v, key_padding_mask, dropout_p, softmax_scale)
     o, _ = torch.ops.minbert.attention(q, k, v, key_padding_mask, _op_seed(seed, dropout_p, device),
                                        dropout_p, scale)
     return o

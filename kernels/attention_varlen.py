@@ -57,6 +57,7 @@ from .attention import (
     _launch_bwd,
     _launch_fwd,
     _grad_args,
+    _kernel_seed,
     _op_seed,
     _seed_arg,
     attention_dropout_p,
@@ -185,10 +186,13 @@ def attention_varlen_ref(
 def _packed_layout(t: torch.Tensor, max_seqlen: int) -> torch.Tensor:
     """``t`` itself when its last dim is contiguous and in-sequence offsets fit in int32, else a
     contiguous copy."""
-    D = t.shape[-1]
-    ok = (t.stride(-1) == 1 or D == 1) and all(s >= 0 for s in t.stride()) \
-        and max(max_seqlen - 1, 0) * t.stride(0) + D < 2**31
+    ok = _dense_rows(t) and max(max_seqlen - 1, 0) * t.stride(0) + t.shape[-1] < 2**31
     return t if ok else t.contiguous()
+
+
+def _dense_rows(t: torch.Tensor) -> bool:
+    """The last dim contiguous (or of size 1) and no negative stride: read in place."""
+    return (t.stride(-1) == 1 or t.shape[-1] == 1) and all(s >= 0 for s in t.stride())
 
 
 def _strides_packed(t: torch.Tensor) -> tuple[int, int, int]:
@@ -217,10 +221,7 @@ def attention_varlen_fwd(
     Returns:
         (o (T, H, D) in q's dtype, lse (H, T) fp32, the (1,) int64 seed tensor used, the scale).
     """
-    T, H, D = _check_qkv(q, k, v, _PACKED_DIMS)
-    device = _check_device(q=q, k=k, v=v, cu_seqlens=cu_seqlens)
-    B = _check_cu_layout(cu_seqlens, device)
-    max_seqlen = _check_max_seqlen(max_seqlen, T)
+    T, D, B, max_seqlen, device = _check_packed(q, k, v, cu_seqlens, max_seqlen)
     if _value_check(check, cu_seqlens):
         check_cu_seqlens(cu_seqlens, T, device, max_seqlen)
     elif B == 0 and T > 0:
@@ -230,6 +231,14 @@ def attention_varlen_fwd(
     seed = _seed_arg(seed, dropout_p, device)
     o, lse = _varlen_fwd_checked(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, seed)
     return o, lse, seed, scale
+
+
+def _check_packed(q, k, v, cu_seqlens, max_seqlen):
+    """Shapes, dtypes and devices of a packed call (no value of ``cu_seqlens`` read):
+    (T, D, B, max_seqlen, device)."""
+    T, _, D = _check_qkv(q, k, v, _PACKED_DIMS)
+    device = _check_device(q=q, k=k, v=v, cu_seqlens=cu_seqlens)
+    return T, D, _check_cu_layout(cu_seqlens, device), _check_max_seqlen(max_seqlen, T), device
 
 
 def _varlen_fwd_checked(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, seed):
@@ -308,22 +317,20 @@ def attention_varlen_dropout_mask(cu_seqlens: torch.Tensor, num_heads: int, max_
 def _attention_varlen_op(q, k, v, cu_seqlens, max_seqlen, seed, dropout_p, softmax_scale, check):
     if _value_check(check, cu_seqlens):  # real values: read here, never in the fake
         check_cu_seqlens(cu_seqlens, q.shape[0], q.device, max_seqlen)
-    if seed is None:  # no dropout: the kernels never read it
-        seed = torch.empty(1, dtype=torch.int64, device=q.device)
-    return _varlen_fwd_checked(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed)
+    return _varlen_fwd_checked(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
+                               _kernel_seed(seed, q.device))
 
 
 @_attention_varlen_op.register_fake
 def _(q, k, v, cu_seqlens, max_seqlen, seed, dropout_p, softmax_scale, check):
     T, H, D = _check_qkv(q, k, v, _PACKED_DIMS)
-    return torch.empty_like(q, memory_format=torch.contiguous_format) if not _dense_rows(q) \
-        else _empty_like(q), q.new_empty((H, T), dtype=torch.float32)
+    return _fake_packed_like(q), q.new_empty((H, T), dtype=torch.float32)
 
 
-def _dense_rows(t: torch.Tensor) -> bool:
-    """Whether ``_packed_layout`` keeps ``t`` as it is for any max_seqlen the int32 offsets allow
-    (the fake's view of the layout, which must not depend on max_seqlen's value)."""
-    return (t.stride(-1) == 1 or t.shape[-1] == 1) and all(s >= 0 for s in t.stride())
+def _fake_packed_like(t: torch.Tensor) -> torch.Tensor:
+    """The fakes' output like ``t``: ``_empty_like`` of ``_packed_layout(t)``, taking the int32
+    offsets as fitting (the layout must not depend on max_seqlen's value)."""
+    return _empty_like(t if _dense_rows(t) else t.contiguous())
 
 
 @torch.library.custom_op(
@@ -333,18 +340,14 @@ def _dense_rows(t: torch.Tensor) -> bool:
            "-> (Tensor, Tensor, Tensor)")
 def _attention_varlen_bwd_op(do, q, k, v, o, lse, cu_seqlens, max_seqlen, seed, dropout_p,
                              softmax_scale, needs):
-    if seed is None:
-        seed = torch.empty(1, dtype=torch.int64, device=q.device)
     grads = attention_varlen_bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, dropout_p,
-                                 softmax_scale, seed, tuple(needs))
+                                 softmax_scale, _kernel_seed(seed, q.device), tuple(needs))
     return tuple(op_output(g, q) for g in grads)
 
 
 @_attention_varlen_bwd_op.register_fake
 def _(do, q, k, v, o, lse, cu_seqlens, max_seqlen, seed, dropout_p, softmax_scale, needs):
-    return tuple((_empty_like(t) if _dense_rows(t) else
-                  torch.empty_like(t, memory_format=torch.contiguous_format)) if need
-                 else t.new_empty(0) for t, need in zip((q, k, v), needs))
+    return tuple(_fake_packed_like(t) if need else t.new_empty(0) for t, need in zip((q, k, v), needs))
 
 
 def _varlen_setup_context(ctx, inputs, output):
@@ -371,10 +374,7 @@ def _attention_varlen_triton(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, sof
                              seed=None, check=None):
     """Variable-length attention on the Triton kernels (the ``minbert::attention_varlen`` op);
     see ``attention_varlen_ref``. (T, H, D) in and out."""
-    T, H, D = _check_qkv(q, k, v, _PACKED_DIMS)
-    device = _check_device(q=q, k=k, v=v, cu_seqlens=cu_seqlens)
-    B = _check_cu_layout(cu_seqlens, device)
-    max_seqlen = _check_max_seqlen(max_seqlen, T)
+    T, D, B, max_seqlen, device = _check_packed(q, k, v, cu_seqlens, max_seqlen)
     if B == 0 and T > 0:
         raise ValueError(f"cu_seqlens holds no sequence but q holds {T} tokens")
     dropout_p = _check_dropout(dropout_p)
@@ -445,7 +445,8 @@ def attention_varlen_case(lengths: tuple[int, ...], H: int, D: int, dropout_p: f
         cu = torch.tensor([0, *torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist()],
                           dtype=torch.int32, device=device)
         inputs = dict(q=qkv(), k=qkv(), v=qkv(), cu_seqlens=cu, max_seqlen=L,
-                      dropout_p=attention_dropout_p(dropout_p), softmax_scale=softmax_scale, seed=None, dropout_mask=None)
+                      dropout_p=attention_dropout_p(dropout_p), softmax_scale=softmax_scale,
+                      seed=None, dropout_mask=None)
         if dropout_p > 0:
             inputs["seed"] = 1000 + seed
             inputs["dropout_mask"] = attention_varlen_dropout_mask(cu, H, L, dropout_p, 1000 + seed)
