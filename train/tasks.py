@@ -77,15 +77,17 @@ def build_samplers(cfg, train_data: dict[str, Sequence], tokenizer: Tokenizer) -
     to whole steps."""
     from .schedules import TaskSampler
 
+    # a window of group_window micro-batches, in steps: every task takes the same number of
+    # micro-batches a step (its own batch split into DeepSpeed's accumulation steps)
+    window = max(1, round(cfg.data.group_window * cfg.deepspeed.micro_batch_per_device
+                          / cfg.deepspeed.global_batch))
     samplers = {}
     for i, (t, examples) in enumerate(train_data.items()):
-        batch = cfg.task_batch(t)
-        window = max(1, round(cfg.data.group_window * cfg.deepspeed.micro_batch_per_device / batch))
         lengths = None
         if cfg.data.group_by_length:
             tc = getattr(cfg.tasks, t)
             lengths = token_lengths(tokenizer, t, examples, tc.form, tc.max_length)
-        samplers[t] = TaskSampler(len(examples), cfg.seed, i, lengths, batch, window)
+        samplers[t] = TaskSampler(len(examples), cfg.seed, i, lengths, cfg.task_batch(t), window)
     return samplers
 
 

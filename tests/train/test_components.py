@@ -332,3 +332,16 @@ def test_pcgrad_projection_reads_nothing_back(monkeypatch):
     assert torch.equal(got, want)
     # task 0 and 1 conflict (dot -1): each loses its component along the other
     assert float(torch.dot(got, g[0])) >= 0 and float(torch.dot(got, g[1])) >= 0
+
+
+def test_samplers_take_each_tasks_batch_in_windows_of_the_same_micro_batches():
+    """A task's own global batch changes its step's examples, not the length-grouping window:
+    group_window micro-batches of every task are the same number of steps."""
+    from train.config import TrainConfig, from_dict
+    from train.tasks import build_samplers
+
+    cfg = from_dict(TrainConfig, {"tasks": {"sts": {"global_batch": 4}}, "data": {"group_window": 20},
+                                  "deepspeed": {"global_batch": 8, "micro_batch_per_device": 2}})
+    samplers = build_samplers(cfg, {"sst": list(range(50)), "sts": list(range(50))}, tokenizer=None)
+    assert (samplers["sst"].batch, samplers["sts"].batch) == (8, 4)
+    assert samplers["sst"].window == samplers["sts"].window == 5  # 20 x 2 / 8 steps
