@@ -14,6 +14,8 @@ runs with different world sizes but the same global batch see the same data.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import json
 import math
 import random
@@ -44,11 +46,11 @@ from .tasks import build_samplers, encode_batch, metric, overall_score, padded_t
 
 def build_model(cfg: TrainConfig, checkpoint: str | Path | None = None) -> MultitaskBert:
     bert = build_encoder(cfg, checkpoint)
+    # every HeadSpec field has a TaskConfig field of its name
     spec = MultitaskSpec(
-        tasks={t: HeadSpec(form=tc.form, pooling=tc.pooling, head=tc.head, layer=tc.layer,
-                           head_layers=tc.head_layers, head_init=tc.head_init,
-                           features=list(tc.features), target=tc.target, output=tc.output)
-               for t, tc in ((t, getattr(cfg.tasks, t)) for t in cfg.tasks.enabled())},
+        tasks={t: HeadSpec(**{f.name: copy.copy(getattr(getattr(cfg.tasks, t), f.name))
+                              for f in dataclasses.fields(HeadSpec)})
+               for t in cfg.tasks.enabled()},
         head_dropout=cfg.model.head_dropout, shared_pair_head=cfg.tasks.shared_pair_head)
     try:
         model = MultitaskBert(bert, spec)

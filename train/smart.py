@@ -30,7 +30,7 @@ class Perturbation:
     """The noise added to the input embeddings of one forward (one tensor per encoder call: a
     bi-encoder calls it twice)."""
 
-    def __init__(self, noise_std: float, generator: torch.Generator | None = None):
+    def __init__(self, noise_std: float):
         self.noise_std = noise_std
         self.deltas: list[torch.Tensor] = []
         self._next = 0

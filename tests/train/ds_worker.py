@@ -472,26 +472,32 @@ def lora_scenario(table, data, out):
             "losses": trainer.step_losses}
 
 
+@contextlib.contextmanager
+def _recorded(owner, name: str, record):
+    """Inside the block, every call of ``owner.name`` first hands its arguments to ``record``."""
+    real = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        record(*args, **kwargs)
+        return real(*args, **kwargs)
+
+    setattr(owner, name, wrapper)
+    try:
+        yield
+    finally:
+        setattr(owner, name, real)
+
+
 def joint_simcse_scenario(table, data, out):
     """simcse.joint_weight 0.5 with dropout on, and the same run at weight 0: the rows each
     contrastive loss saw (every rank's micro-batch gathered), its logged values, and both runs'
     task losses (equal at step 1, apart after the joint gradient's first update)."""
-    import kernels
     import train.loop as loop
 
     rows = []
-    real = kernels.simcse_loss
-
-    def recording(z1, z2, *args, **kwargs):
-        rows.append(int(z1.shape[0]))
-        return real(z1, z2, *args, **kwargs)
-
-    loop.kernels.simcse_loss = recording
-    try:
+    with _recorded(loop.kernels, "simcse_loss", lambda z1, *rest, **kw: rows.append(int(z1.shape[0]))):
         on = _trainer(table["joint-simcse"], data, out / "on")
         on.fit()
-    finally:
-        loop.kernels.simcse_loss = real
     off_cfg = copy.deepcopy(table["joint-simcse"])
     off_cfg["simcse"]["joint_weight"] = 0.0
     off = _trainer(off_cfg, data, out / "off")
@@ -528,18 +534,9 @@ def pcgrad_from_scenario(table, data, out):
     import train.loop as loop
 
     calls = []
-    real = loop.pcgrad.project
-
-    def counting(grads, order_seed):
-        calls.append(order_seed)
-        return real(grads, order_seed)
-
-    loop.pcgrad.project = counting
-    try:
+    with _recorded(loop.pcgrad, "project", lambda grads, order_seed: calls.append(order_seed)):
         late = _trainer(table["pcgrad-from-2"], data, out / "late")
         late.fit()
-    finally:
-        loop.pcgrad.project = real
     plain = _trainer(table["superbatch"], data, out / "plain")
     plain.fit()
     return {"project_calls": len(calls), "late": late.step_losses, "plain": plain.step_losses,
