@@ -197,10 +197,16 @@ class OptimConfig:
     lr_schedule: Literal["linear", "cosine", "constant"] = "linear"  # decay after warm-up
     warmup_ratio: float = 0.1  # fraction of all steps spent warming up linearly from 0
     grad_clip: float = 1.0  # global gradient-norm clipping (0 = off)
+    # layer-wise learning-rate decay: encoder layer i of n trains at lr x layer_decay^(n - i), the
+    # embeddings at lr x layer_decay^(n + 1); the pooler and the heads' own layers at lr, the
+    # heads at head_lr (1.0 = off)
+    layer_decay: float = 1.0
 
     def __post_init__(self):
         if self.lr <= 0 or (self.head_lr is not None and self.head_lr <= 0):
             raise ConfigError("optim.lr and optim.head_lr must be > 0")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ConfigError(f"optim.layer_decay must lie in (0, 1] (1 = off), got {self.layer_decay}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"optim.warmup_ratio must lie in [0, 1), got {self.warmup_ratio}")
         if self.grad_clip < 0:

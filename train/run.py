@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
+    started = time.monotonic()
     args, overrides = parse_args(argv)
     try:
         plan = preflight(args, overrides)
@@ -250,11 +252,14 @@ def _main(argv: list[str]) -> int:
     max_lengths = {t: getattr(cfg.tasks, t).max_length for t in cfg.tasks.enabled()}
     scores = write_all(model, trainer.tokenizer, args.data, out / "predictions", max_lengths,
                        cfg.eval_batch_size, trainer.device, progress=progress)
+    memory = memory_report(trainer.device, trainer.optimizer)
     if trainer.is_main:
         summary = {"name": cfg.name, "best_dev_overall": result["best_score"], "best_dev": scores,
                    "steps": trainer.step, "out": str(out),
                    "trainable_parameters": result["trainable_parameters"],
-                   "parameters": result["parameters"]}
+                   "parameters": result["parameters"], **memory,
+                   # this process's start (after the launcher) to here; a resumed run: this part
+                   "seconds": round(time.monotonic() - started, 1)}
         if result["finished_early"] is not None:
             summary["early_stop"] = result["finished_early"]
         if simcse_report is not None:
@@ -264,6 +269,32 @@ def _main(argv: list[str]) -> int:
         print(json.dumps(summary, indent=2), flush=True)
     _finish(dist)
     return 0
+
+
+def memory_report(device, optimizer) -> dict:
+    """The run's memory, each the largest over the ranks (a collective: every rank calls it):
+    ``optimizer_state_mib``, what the optimizer holds on a rank (its master weights and AdamW
+    moments, one ZeRO partition of them); and the peak, on CUDA the most the caching allocator
+    held for tensors (``peak_gpu_memory_mib``), elsewhere the rank process's peak resident set
+    (``peak_rss_mib``: the Python runtime and libraries, about 0.5 GiB, the allocator's cached
+    blocks, and the evaluation and prediction passes after training, all included)."""
+    import resource
+
+    import torch
+    import torch.distributed as dist
+
+    base = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed's ZeRO / bf16 wrapper holds it
+    tensors = {id(t): t for t in [p for g in base.param_groups for p in g["params"]]
+               + [t for state in base.state.values() for t in state.values() if torch.is_tensor(t)]}
+    state = sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
+    if device.type == "cuda":
+        key, peak = "peak_gpu_memory_mib", torch.cuda.max_memory_allocated(device) / 2**20
+    else:  # ru_maxrss is in KiB on Linux
+        key, peak = "peak_rss_mib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    values = torch.tensor([state, peak], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return {"optimizer_state_mib": round(float(values[0]), 1), key: round(float(values[1]), 1)}
 
 
 def _finish(dist) -> None:

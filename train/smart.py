@@ -106,8 +106,9 @@ class MomentumTeacher:
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
         """theta_teacher <- momentum * theta_teacher + (1 - momentum) * theta."""
-        for t, p in zip(self.model.parameters(), module.parameters()):
-            t.lerp_(p.detach().to(t.dtype), 1.0 - self.momentum)
+        ts = list(self.model.parameters())
+        ps = [p.detach().to(t.dtype) for t, p in zip(ts, module.parameters())]
+        torch._foreach_lerp_(ts, ps, 1.0 - self.momentum)  # one multi-tensor launch on CUDA
 
     def state_dict(self) -> dict:
         return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}

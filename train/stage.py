@@ -27,6 +27,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -238,22 +239,44 @@ def freeze_parameters(model: torch.nn.Module, freeze: str, layers: tuple[int, in
     return len(chosen)
 
 
+_LAYER = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.")
+_EMBEDDINGS = re.compile(r"(?:^|\.)embeddings\.")
+
+
+def lr_depth(name: str, n_layers: int) -> int:
+    """How far below the top a parameter sits for ``optim.layer_decay``: encoder layer i of n is
+    n - i, the embeddings n + 1, everything else (pooler, the heads' own layers, heads) 0."""
+    if _EMBEDDINGS.search(name):
+        return n_layers + 1
+    match = _LAYER.search(name)
+    if match and not name.startswith("head_layers."):
+        return n_layers - int(match[1])
+    return 0
+
+
 def param_groups(cfg: TrainConfig, model: torch.nn.Module, lr: float | None = None) -> list[dict]:
     """The optimizer's parameter groups: no weight decay on biases and LayerNorm weights; the
     heads (and the shared pair projection) at ``optim.head_lr``; the encoder and the heads' own
-    transformer layers at ``lr`` (default ``optim.lr``). Frozen parameters
-    (``requires_grad`` off) are left out."""
+    transformer layers at ``lr`` (default ``optim.lr``), each encoder layer scaled by
+    ``optim.layer_decay`` to the power of its ``lr_depth``. Frozen parameters (``requires_grad``
+    off) are left out."""
     o = cfg.optim
     lr = o.lr if lr is None else lr
-    groups: dict[tuple[bool, bool], list] = {}
+    n_layers = 0  # the encoder's (frozen ones included); 0: no layer-wise decay
+    if o.layer_decay != 1.0:
+        n_layers = 1 + max((int(m[1]) for name, _ in model.named_parameters()
+                            if not name.startswith("head_layers.") and (m := _LAYER.search(name))), default=-1)
+    groups: dict[tuple[bool, bool, int], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         no_decay = name.endswith("bias") or "LayerNorm" in name
-        groups.setdefault((name.startswith(("heads.", "shared_pair.")), no_decay), []).append(p)
+        is_head = name.startswith(("heads.", "shared_pair."))
+        depth = 0 if is_head or not n_layers else lr_depth(name, n_layers)
+        groups.setdefault((is_head, no_decay, depth), []).append(p)
     return [{"params": ps, "weight_decay": 0.0 if no_decay else o.weight_decay,
-             "lr": (o.head_lr or lr) if is_head else lr}
-            for (is_head, no_decay), ps in sorted(groups.items())]
+             "lr": (o.head_lr or lr) if is_head else lr * o.layer_decay ** depth}
+            for (is_head, no_decay, depth), ps in sorted(groups.items())]
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, lr: float | None = None,

@@ -134,7 +134,38 @@ def scenarios(checkpoint: str, world: int) -> dict[str, dict]:
         cfg = copy.deepcopy(table[name])
         cfg["deepspeed"]["zero_stage"] = 3
         table[f"{name}-zero3"] = cfg
+    for name, changes in OPTION_SETS.items():
+        for k in ("eager", "triton"):
+            table[f"{name}-{k}"] = base(checkpoint, **{"deepspeed.micro_batch_per_device": micro,
+                                                       "model.kernels": k, **copy.deepcopy(changes)})
+        for stage in (0, 1):  # eager, ZeRO-0 and -1 (the sets run ZeRO-2)
+            cfg = copy.deepcopy(table[f"{name}-eager"])
+            cfg["deepspeed"]["zero_stage"] = stage
+            table[f"{name}-zero{stage}"] = cfg
     return table
+
+
+# Every option, on each kernels backend (Triton: its interpreter on CPU), in three sets (LoRA
+# freezes the encoder that set b's frozen layers and SMART's embeddings need; SMART and joint
+# SimCSE are refused with PCGrad). No dropout: the two backends differ by kernel rounding only.
+# Short sequences keep the interpreter fast.
+_SHORT = {f"tasks.{t}.max_length": 24 for t in ("sst", "quora", "sts")}
+OPTION_SETS = {
+    "options-a": {  # round robin, 6 steps: each task twice
+        **_SHORT, "model.lora": {"r": 4, "alpha": 8.0, "dropout": 0.0, "targets": ["query", "value"]},
+        "tasks.sst.layer": 1, "tasks.sst.head_layers": 1, "tasks.sst.head_init": "random",
+        "tasks.quora.form": "bi", "tasks.sts.form": "bi", "tasks.quora.features": ["u", "abs_diff", "cos"],
+        "tasks.sts.features": ["u", "abs_diff", "cos"], "tasks.sts.target": "0-1",
+        "tasks.sts.output": "sigmoid", "tasks.shared_pair_head": True, "tasks.sts.global_batch": 4,
+        "simcse": {"joint_weight": 0.5, "temperature": 0.1}},
+    "options-b": {  # round robin, 6 steps
+        **_SHORT, "model.freeze": "layers:0-0", "tasks.quora.layer": 1, "tasks.quora.head_layers": 1,
+        "smart": {"enabled": True, "weight": 1.0, "bregman_weight": 1.0, "momentum": 0.5,
+                  "noise_std": 1e-3, "step_size": 1e-2, "epsilon": 1e-2}},
+    "options-c": {  # superbatch, 2 epochs of 2 steps, PCGrad in the second
+        **_SHORT, "model.freeze": "embeddings", "tasks.sts.layer": 1, "schedule.kind": "superbatch",
+        "pcgrad_from_epoch": 2, "epochs": 2, "steps_per_epoch": 2},
+}
 
 
 KERNEL_STEPS = 4
@@ -561,6 +592,40 @@ def task_batch_scenario(table, data, out):
             "steps_per_epoch": trainer.steps_per_epoch, "losses": trainer.step_losses}
 
 
+def options_scenario(table, data, out, name):
+    """One option set (``OPTION_SETS``) on one backend: the losses, the Triton launches by kernel,
+    the trainable parameters and the PCGrad projections."""
+    import train.loop as loop
+    from kernels.testing import count_launches
+
+    projections = []
+    with count_launches() as launched, \
+            _recorded(loop.pcgrad, "project", lambda grads, order_seed: projections.append(order_seed)):
+        trainer = _trainer(table[name], data, out)
+        trainer.fit()
+    return {"losses": trainer.step_losses, "launches": dict(launched), "projections": len(projections),
+            **trainer.trainable}
+
+
+# options whose runs stop at a step (a checkpoint), resume in a new trainer and must log the
+# uninterrupted run's losses (the scenario of that name in this launch); pcgrad-from-2 stops at
+# step 4 of 6, in its PCGrad epoch
+RESUME_OPTIONS = {"lora": 3, "freeze-layers": 3, "mid-layer": 3, "pair-heads": 3, "joint-simcse": 3,
+                  "task-batch": 3, "pcgrad-from-2": 4}
+
+
+def options_resume(table, data, out):
+    """Each of ``RESUME_OPTIONS``: stop, resume, the losses of both parts in order."""
+    runs = {}
+    for name, stop in RESUME_OPTIONS.items():
+        first = _trainer(table[name], data, out / name)
+        first.fit(stop_after=stop)
+        second = _trainer(table[name], data, out / name, resume=out / name)
+        second.fit()
+        runs[name] = {"first": first.step_losses[:stop], "second": second.step_losses}
+    return runs
+
+
 SCENARIO_RUNNERS = {"fp32-resume": fp32_resume, "sigterm": sigterm, "truncated": truncated,
                     "simcse-resume": simcse_resume, "offload": offload, "simcse-sup-fp32": simcse_fp32_grads,
                     "kernels-eager": lambda *a: kernels_scenario(*a, "eager"),
@@ -570,7 +635,10 @@ SCENARIO_RUNNERS = {"fp32-resume": fp32_resume, "sigterm": sigterm, "truncated":
                     "lora": lora_scenario, "joint-simcse": joint_simcse_scenario, "smart": smart_scenario,
                     "pcgrad-from-2": pcgrad_from_scenario, "task-batch": task_batch_scenario,
                     **{name: (lambda *a, n=name: freeze_scenario(*a, n))
-                       for name in ("freeze-encoder", "freeze-layers", "freeze-layers-zero3")}}
+                       for name in ("freeze-encoder", "freeze-layers", "freeze-layers-zero3")},
+                    "options-resume": options_resume,
+                    **{f"{n}-{k}": (lambda *a, n=f"{n}-{k}": options_scenario(*a, n))
+                       for n in OPTION_SETS for k in ("eager", "triton", "zero0", "zero1")}}
 
 
 def main() -> int:

@@ -345,3 +345,47 @@ def test_samplers_take_each_tasks_batch_in_windows_of_the_same_micro_batches():
     samplers = build_samplers(cfg, {"sst": list(range(50)), "sts": list(range(50))}, tokenizer=None)
     assert (samplers["sst"].batch, samplers["sts"].batch) == (8, 4)
     assert samplers["sst"].window == samplers["sts"].window == 5  # 20 x 2 / 8 steps
+
+
+# ----------------------------------------------------------------------------- layer-wise lr decay
+def _group_lrs(model, **optim) -> dict[str, float]:
+    from train.stage import param_groups
+
+    cfg = from_dict(TrainConfig, {"optim": {"lr": 1e-4, "head_lr": 1e-3, **optim}})
+    groups = param_groups(cfg, model)
+    ids = {id(p): name for name, p in model.named_parameters()}
+    lrs = {ids[id(p)]: g["lr"] for g in groups for p in g["params"]}
+    assert len(lrs) == sum(p.requires_grad for p in model.parameters())  # each parameter once
+    return lrs
+
+
+def test_layer_decay_scales_each_encoder_layer_and_leaves_the_top_alone():
+    """optim.layer_decay 0.5 over 3 encoder layers: the embeddings at lr x 0.5^4, layer i at
+    lr x 0.5^(3 - i); the pooler and a head's own (copied) layer at lr; heads at head_lr; weight
+    decay still off on biases and LayerNorm weights; 1.0 gives every encoder tensor lr."""
+    bert = BertModel(BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                intermediate_size=64, max_position_embeddings=32))
+    model = MultitaskBert(bert, MultitaskSpec({"sst": HeadSpec(layer=2, head_layers=1), "sts": HeadSpec()}))
+    lrs = _group_lrs(model, layer_decay=0.5)
+    expected = {"bert.embeddings.word_embeddings.weight": 1e-4 / 16,
+                "bert.embeddings.LayerNorm.bias": 1e-4 / 16,
+                "bert.encoder.layer.0.attention.self.query.weight": 1e-4 / 8,
+                "bert.encoder.layer.1.output.dense.bias": 1e-4 / 4,
+                "bert.encoder.layer.2.intermediate.dense.weight": 1e-4 / 2,
+                "bert.pooler.dense.weight": 1e-4}
+    for name, lr in expected.items():
+        assert lrs[name] == pytest.approx(lr, rel=1e-12), name
+    own = [n for n in lrs if n.startswith("head_layers.")]
+    heads = [n for n in lrs if n.startswith("heads.")]
+    assert own and heads
+    assert all(lrs[n] == pytest.approx(1e-4) for n in own) and all(lrs[n] == pytest.approx(1e-3) for n in heads)
+    assert set(_group_lrs(model).values()) == {1e-4, 1e-3}  # off by default
+    from train.stage import param_groups
+
+    cfg = from_dict(TrainConfig, {"optim": {"layer_decay": 0.5, "weight_decay": 0.01}})
+    for g in param_groups(cfg, model):
+        names = {n for n, p in model.named_parameters() if any(p is q for q in g["params"])}
+        no_decay = {n.endswith("bias") or "LayerNorm" in n for n in names}
+        assert no_decay == {g["weight_decay"] == 0.0}, names
+    with pytest.raises(ConfigError, match="optim.layer_decay"):
+        from_dict(TrainConfig, {"optim": {"layer_decay": 0.0}})

@@ -22,7 +22,7 @@ import psutil
 import pytest
 import torch
 
-from minbert import BertConfig, BertModel, Tokenizer
+from minbert import BertModel
 from train.checkpoints import read_latest, step_of, verify
 from train.data import load_task
 
@@ -32,7 +32,10 @@ TWO_RANK_SCENARIOS = ("zero0,zero1,zero2,zero2-padded,zero2-fused,pcgrad,fp32,fp
                       "interrupted-save,simcse-sup,simcse-unsup,sigterm,truncated,simcse-resume,offload,"
                       "simcse-sup-fp32,kernels-eager,kernels-triton,freeze-encoder,freeze-layers,"
                       "freeze-layers-zero3,early-stop,mid-layer,lora,pair-heads,joint-simcse,smart,pcgrad-from-2,task-batch,"
-                      "lora-zero3,mid-layer-zero3,pair-heads-zero3,joint-simcse-zero3,task-batch-zero3")
+                      "lora-zero3,mid-layer-zero3,pair-heads-zero3,joint-simcse-zero3,task-batch-zero3,"
+                      "options-a-eager,options-a-triton,options-a-zero0,options-a-zero1,"
+                      "options-b-eager,options-b-triton,options-b-zero0,options-b-zero1,"
+                      "options-c-eager,options-c-triton,options-c-zero0,options-c-zero1,options-resume")
 ONE_PROC_SCENARIOS = "zero2,pcgrad,simcse-sup,simcse-sup-fp32"
 
 
@@ -69,18 +72,6 @@ def _master_port() -> str:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return f"--master_port={sock.getsockname()[1]}"
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    """A small random BERT with the real vocabulary, saved in HF format with its tokenizer."""
-    torch.manual_seed(0)
-    cfg = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-                     max_position_embeddings=128)
-    path = tmp_path_factory.mktemp("tiny_bert")
-    BertModel(cfg).save_pretrained(path)
-    Tokenizer.from_pretrained().save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -338,6 +329,11 @@ def test_run_py_two_ranks_writes_predictions_for_every_test_id(tiny_checkpoint, 
     _run(cmd)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3 and set(summary["best_dev"]) == {"sst", "quora", "sts", "overall"}
+    # peak memory, the larger of the two ranks' (CPU: resident set; torch alone takes > 200 MiB),
+    # and the optimizer's share: fp32 master weights and two AdamW moments, half on each rank
+    assert 200 < summary["peak_rss_mib"] < 24 * 1024 and summary["seconds"] > 0
+    expected = 12 * summary["trainable_parameters"] / 2 / 2**20
+    assert expected <= summary["optimizer_state_mib"] <= 1.05 * expected + 0.1, (summary, expected)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     steps = [r for r in log if "loss" in r]
     assert [r["step"] for r in steps if "stage" not in r] == [1, 2, 3]
@@ -785,3 +781,75 @@ def test_options_train_under_zero3_like_zero2(results, option):
     zero3 = results["two"][f"{option}-zero3"]["losses"]
     _assert_losses_close(zero3, zero2, BF16_REL)
     _assert_losses_close(zero3[:1], zero2[:1], 2e-3)
+
+
+# what the Triton backend must launch in a training step of each option set (the interpreter on CPU)
+def _assert_option_runs_close(run: list[dict], ref: list[dict]) -> None:
+    """Two runs of one option set that differ in bf16 rounding only (backend or ZeRO stage): task
+    and joint-SimCSE losses step by step within the bf16 budget, the first step (same weights) to
+    2e-3. SMART's smoothness term (a divergence of two predictions under a 1e-2 perturbation,
+    1e-7 to 1e-4 here) is rounding noise at that scale after the first update: it must be
+    positive on both and within a factor of 2."""
+    strip = lambda steps: [{k: v for k, v in s.items() if k != "smart"} for s in steps]  # noqa: E731
+    _assert_losses_close(strip(run), strip(ref), BF16_REL)
+    _assert_losses_close(strip(run[:1]), strip(ref[:1]), 2e-3)
+    for step, (a, b) in enumerate(zip(run, ref)):
+        assert ("smart" in a) == ("smart" in b), step
+        if "smart" in a:
+            assert a["smart"] > 0 and b["smart"] > 0 and 0.5 <= a["smart"] / b["smart"] <= 2, (step, a, b)
+
+
+_ENCODER_KERNELS = ("attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq", "layer_norm_fwd",
+                    "layer_norm_bwd", "bias_gelu_fwd", "bias_gelu_bwd")
+_OPTION_KERNELS = {"options-a": _ENCODER_KERNELS + ("simcse_fwd", "simcse_bwd_dz1", "simcse_bwd_dc"),
+                   "options-b": _ENCODER_KERNELS, "options-c": _ENCODER_KERNELS}
+
+
+@pytest.mark.parametrize("name", sorted(_OPTION_KERNELS))
+def test_options_train_on_the_triton_backend_like_eager(results, name):
+    """Every option on ``model.kernels = "triton"`` (set a: LoRA, a mid-layer SST head with a layer
+    of its own, bi-encoder pair heads with chosen features and a shared projection, a sigmoid 0-1
+    STS head, a per-task batch, joint SimCSE; set b: frozen layer 0, a mid-layer Quora head with
+    a copied layer, SMART with its Bregman term; set c: frozen embeddings, a mid-layer STS head,
+    superbatch steps with PCGrad from epoch 2) against the same runs on eager, step by step: the
+    Triton kernels ran, the losses agree within the bf16 budget (the first step, same weights, to
+    2e-3), and the options did the same on both."""
+    tri, eager = results["two"][f"{name}-triton"], results["two"][f"{name}-eager"]
+    for kernel in _OPTION_KERNELS[name]:
+        assert tri["launches"].get(f"_{kernel}_kernel", 0) > 0, (kernel, tri["launches"])
+    assert not eager["launches"], eager["launches"]  # the eager backend launches no Triton kernel
+    _assert_option_runs_close(tri["losses"], eager["losses"])
+    assert tri["trainable_parameters"] == eager["trainable_parameters"] < tri["parameters"]
+    assert tri["projections"] == eager["projections"] == (2 if name == "options-c" else 0)
+    if name == "options-c":  # 2 epochs of 2 superbatch steps; PCGrad projects in the second epoch
+        assert len(tri["losses"]) == 4 and all(set(s) == {"sst", "quora", "sts"} for s in tri["losses"])
+        return
+    extra = {"options-a": "simcse", "options-b": "smart"}[name]
+    assert len(tri["losses"]) == 6 and all(step[extra] > 0 for step in tri["losses"])
+    assert [next(t for t in step if t != extra) for step in tri["losses"]] == ["sst", "quora", "sts"] * 2
+
+
+@pytest.mark.parametrize("option", ["lora", "freeze-layers", "mid-layer", "pair-heads", "joint-simcse",
+                                    "task-batch", "pcgrad-from-2"])
+def test_options_resume_like_an_uninterrupted_run(results, option):
+    """Stop at a checkpoint (pcgrad-from-2: step 4, inside its PCGrad epoch; the others: step 3 of
+    6), resume in a new trainer: the steps of both parts are the uninterrupted run's, to 1e-6
+    (bf16, no data-dependent randomness left unrestored; joint SimCSE's dropout included)."""
+    run = results["two"]["options-resume"][option]
+    full = results["two"][option]
+    full = {"joint-simcse": full.get("on"), "pcgrad-from-2": full.get("late")}.get(option) or full["losses"]
+    stop = 4 if option == "pcgrad-from-2" else 3
+    assert len(run["first"]) == stop and len(run["first"]) + len(run["second"]) == len(full) == 6
+    _assert_losses_close(run["first"] + run["second"], full, 1e-6)
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+@pytest.mark.parametrize("name", sorted(_OPTION_KERNELS))
+def test_options_train_under_zero0_and_zero1_like_zero2(results, name, stage):
+    """The option sets under ZeRO-0 (DeepSpeed's bf16 optimizer) and ZeRO-1 train like ZeRO-2
+    (``_assert_option_runs_close``) and train the same parameters; set c's PCGrad projects in the
+    same steps."""
+    run, zero2 = results["two"][f"{name}-zero{stage}"], results["two"][f"{name}-eager"]
+    _assert_option_runs_close(run["losses"], zero2["losses"])
+    assert run["trainable_parameters"] == zero2["trainable_parameters"]
+    assert run["projections"] == zero2["projections"]
