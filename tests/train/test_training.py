@@ -333,7 +333,7 @@ def test_run_py_two_ranks_writes_predictions_for_every_test_id(tiny_checkpoint, 
     # and the optimizer's share: fp32 master weights and two AdamW moments, half on each rank
     assert 200 < summary["peak_rss_mib"] < 24 * 1024 and summary["seconds"] > 0
     expected = 12 * summary["trainable_parameters"] / 2 / 2**20
-    assert expected <= summary["optimizer_state_mib"] <= 1.05 * expected + 0.1, (summary, expected)
+    assert abs(summary["optimizer_state_mib"] - expected) <= 0.02 * expected + 0.1, (summary, expected)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     steps = [r for r in log if "loss" in r]
     assert [r["step"] for r in steps if "stage" not in r] == [1, 2, 3]
