@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -90,9 +89,8 @@ def load_recipe(spec: str) -> Recipe:
             raise UserError(f"{path}: member {i + 1} must be an object with 'config' and optional "
                             f"'name' and 'overrides', got {m!r}")
         member = Member(str(m.get("name", f"member{i + 1}")), str(m["config"]), dict(m.get("overrides", {})))
-        config = Path(member.config)
-        if not config.is_absolute() and not config.is_file():
-            member.config = str(REPO / config) if (REPO / config).is_file() else member.config
+        if not Path(member.config).is_file() and (REPO / member.config).is_file():  # repository-relative
+            member.config = str(REPO / member.config)
         try:
             load_config(member.config, [(k, json.dumps(v)) for k, v in member.overrides.items()])
         except (ConfigError, FileNotFoundError) as e:
@@ -110,15 +108,11 @@ def load_recipe(spec: str) -> Recipe:
     return Recipe(str(data.get("name", path.stem)), members, weights, dtype)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def member_command(member: Member, data: str, run_dir: Path, num_gpus: int) -> list[str]:
     """The launch of one member: new, or ``--resume`` of an interrupted one (the config and
     overrides again, which train/run.py checks against the saved ones)."""
+    from train.stage import _free_port
+
     launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(num_gpus),
                 f"--master_port={_free_port()}", str(REPO / "train" / "run.py")]
     if list_checkpoints(run_dir / CHECKPOINTS):

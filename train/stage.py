@@ -248,10 +248,8 @@ def lr_depth(name: str, n_layers: int) -> int:
     n - i, the embeddings n + 1, everything else (pooler, the heads' own layers, heads) 0."""
     if _EMBEDDINGS.search(name):
         return n_layers + 1
-    match = _LAYER.search(name)
-    if match and not name.startswith("head_layers."):
-        return n_layers - int(match[1])
-    return 0
+    match = _LAYER.search(name)  # the heads' own layers are "head_layers.<task>.<i>.": no match
+    return n_layers - int(match[1]) if match else 0
 
 
 def param_groups(cfg: TrainConfig, model: torch.nn.Module, lr: float | None = None) -> list[dict]:
@@ -264,8 +262,8 @@ def param_groups(cfg: TrainConfig, model: torch.nn.Module, lr: float | None = No
     lr = o.lr if lr is None else lr
     n_layers = 0  # the encoder's (frozen ones included); 0: no layer-wise decay
     if o.layer_decay != 1.0:
-        n_layers = 1 + max((int(m[1]) for name, _ in model.named_parameters()
-                            if not name.startswith("head_layers.") and (m := _LAYER.search(name))), default=-1)
+        n_layers = 1 + max((int(m[1]) for name, _ in model.named_parameters() if (m := _LAYER.search(name))),
+                           default=-1)
     groups: dict[tuple[bool, bool, int], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
