@@ -319,6 +319,9 @@ class SmartConfig:
                 raise ConfigError(f"smart.{name} must be >= 0, got {getattr(self, name)}")
         if self.steps < 1:
             raise ConfigError(f"smart.steps must be >= 1, got {self.steps}")
+        if self.enabled and self.weight == 0 and self.bregman_weight == 0:
+            raise ConfigError("smart.weight and smart.bregman_weight are both 0: SMART would add "
+                              "nothing; set one of them above 0 or smart.enabled false")
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"smart.momentum must lie in [0, 1), got {self.momentum}")
 

@@ -199,12 +199,7 @@ class Trainer(Stage):
         sc = self.cfg.smart
         if not sc.enabled:
             return loss, None
-        extra = sc.weight * smart.smoothness(module, task, kwargs, prediction, sc.noise_std,
-                                             sc.step_size, sc.epsilon, sc.steps)
-        if self.teacher is not None:
-            extra = extra + sc.bregman_weight * smart.divergence(
-                task, prediction, self.teacher.predict(task, kwargs))
-        return loss, extra
+        return loss, smart.regulariser(module, task, kwargs, prediction, sc, self.teacher)
 
     def _phase(self, name: str):
         return contextlib.nullcontext() if self.timer is None else self.timer(name)

@@ -89,6 +89,23 @@ def smoothness(module: nn.Module, task: str, kwargs: dict, clean: torch.Tensor, 
     return divergence(task, adv, clean)
 
 
+def regulariser(module: nn.Module, task: str, kwargs: dict, clean: torch.Tensor, cfg,
+                teacher: "MomentumTeacher | None") -> torch.Tensor:
+    """SMART's term of one micro-batch (``cfg``: ``SmartConfig``; ``clean``: the model's
+    prediction): ``weight`` x the smoothness term plus ``bregman_weight`` x the divergence from the
+    momentum copy (``teacher``; None: no Bregman term). ``weight`` 0 runs no adversarial pass at
+    all, so the Bregman term alone costs one no-grad forward of the copy."""
+    terms = []
+    if cfg.weight > 0:
+        terms.append(cfg.weight * smoothness(module, task, kwargs, clean, cfg.noise_std,
+                                             cfg.step_size, cfg.epsilon, cfg.steps))
+    if teacher is not None:
+        terms.append(cfg.bregman_weight * divergence(task, clean, teacher.predict(task, kwargs)))
+    if not terms:
+        raise ValueError("SMART with weight 0 and no momentum copy adds nothing")
+    return sum(terms[1:], terms[0])
+
+
 class MomentumTeacher:
     """The Bregman proximal point's reference: a copy of the model whose weights follow an
     exponential moving average of the trained ones."""

@@ -87,6 +87,45 @@ def test_momentum_teacher_is_a_moving_average_and_round_trips():
     torch.testing.assert_close(again.predict("sst", kw), teacher.predict("sst", kw))
 
 
+def test_regulariser_sums_the_weighted_terms_and_weight_zero_runs_no_adversarial_pass(monkeypatch):
+    from train.config import SmartConfig
+
+    model = _model()
+    kw = _kwargs(pair=True)
+    teacher = smart.MomentumTeacher(_model(), momentum=0.9)
+    with torch.no_grad():  # a teacher that differs, so the Bregman term is not 0
+        for p in teacher.model.parameters():
+            p.mul_(1.5)
+    clean = model("quora", **kw)
+    bregman = smart.divergence("quora", clean, teacher.predict("quora", kw))
+    assert float(bregman.detach()) > 1e-4
+    calls = []
+    real = smart.smoothness
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(smart, "smoothness", counted)
+    torch.manual_seed(0)  # the perturbation's noise: the same draw for the hand-made sum
+    both = smart.regulariser(model, "quora", kw, clean, SmartConfig(weight=2.0, bregman_weight=3.0), teacher)
+    assert len(calls) == 1
+    torch.manual_seed(0)
+    smooth = real(model, "quora", kw, clean, 1e-5, 1e-3, 1e-5, 1)
+    torch.testing.assert_close(both, 2.0 * smooth + 3.0 * bregman)
+    calls.clear()
+    alone = smart.regulariser(model, "quora", kw, clean, SmartConfig(weight=0.0, bregman_weight=3.0), teacher)
+    assert not calls  # weight 0: no adversarial forward or backward
+    torch.testing.assert_close(alone, 3.0 * bregman)
+    alone.backward()  # and its gradient reaches the trained model
+    assert float(model.heads["quora"].weight.grad.abs().sum()) > 0
+    no_copy = smart.regulariser(model, "quora", kw, clean.detach(), SmartConfig(weight=2.0), None)
+    assert len(calls) == 1 and float(no_copy.detach()) >= 0
+    import pytest
+    with pytest.raises(ValueError, match="adds nothing"):
+        smart.regulariser(model, "quora", kw, clean, SmartConfig(weight=0.0), None)
+
+
 def test_config_checks():
     import pytest
 
@@ -96,6 +135,9 @@ def test_config_checks():
         SmartConfig(steps=0)
     with pytest.raises(ConfigError, match="smart.momentum"):
         SmartConfig(momentum=1.0)
+    with pytest.raises(ConfigError, match="both 0"):
+        SmartConfig(enabled=True, weight=0.0, bregman_weight=0.0)
+    SmartConfig(enabled=False, weight=0.0, bregman_weight=0.0)  # off: nothing to refuse
     with pytest.raises(ConfigError, match="ZeRO stages 0-2"):
         from train.config import DeepSpeedConfig
 
