@@ -135,6 +135,8 @@ class Trainer(Stage):
         self.history: list[dict] = []  # dev scores after each epoch
         self.step_losses: list[dict[str, float]] = []  # per step of this process's run
         self._pending: list[StepResult] = []  # steps whose losses are still on the device
+        # every logged window of this process's run: examples and training seconds (no evaluation)
+        self.train_totals = {"examples": 0, "seconds": 0.0}
         self._new_window()
 
         model = build_model(cfg, init_checkpoint)
@@ -381,6 +383,8 @@ class Trainer(Stage):
             w = self._window
             secs = max(w["seconds"] + time.perf_counter() - w["start"], 1e-9)
             samples_s, tokens_s = w["examples"] / secs, w["tokens"] / secs
+            self.train_totals["examples"] += w["examples"]
+            self.train_totals["seconds"] += secs
             bar.set_postfix(loss=f"{sum(losses.values()):.4f}", task="+".join(losses),
                             samples_s=f"{samples_s:.1f}")
             record = {"step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch + 1,
@@ -444,8 +448,13 @@ class Trainer(Stage):
             s.load_state_dict(state["samplers"][t])
 
     def result(self) -> dict:
+        t = self.train_totals  # the whole run's rate: a median over windows misleads when
+        # tasks step with batches of different sizes (tasks.<t>.global_batch)
+        rate = t["examples"] / t["seconds"] if t["seconds"] > 0 else None
         return {"best_score": self.best_score, "history": self.history,
-                "finished_early": self.finished_early, **self.trainable}
+                "finished_early": self.finished_early, **self.trainable,
+                "train_examples": t["examples"],
+                "train_samples_per_s": None if rate is None else round(rate, 2)}
 
     def export(self, directory: Path, scores: dict | None = None) -> None:
         """Gather the full model (from ZeRO shards) and write it as a loadable directory."""

@@ -258,6 +258,9 @@ def _main(argv: list[str]) -> int:
                    "steps": trainer.step, "out": str(out),
                    "trainable_parameters": result["trainable_parameters"],
                    "parameters": result["parameters"], **memory,
+                   # examples over training seconds (evaluation excluded), this process's part
+                   "train_examples": result["train_examples"],
+                   "train_samples_per_s": result["train_samples_per_s"],
                    # this process's start (after the launcher) to here; a resumed run: this part
                    "seconds": round(time.monotonic() - started, 1)}
         if result["finished_early"] is not None:
