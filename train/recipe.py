@@ -111,10 +111,10 @@ def load_recipe(spec: str) -> Recipe:
 def member_command(member: Member, data: str, run_dir: Path, num_gpus: int) -> list[str]:
     """The launch of one member: new, or ``--resume`` of an interrupted one (the config and
     overrides again, which train/run.py checks against the saved ones)."""
-    from train.stage import _free_port
+    from train.stage import free_port
 
     launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(num_gpus),
-                f"--master_port={_free_port()}", str(REPO / "train" / "run.py")]
+                f"--master_port={free_port()}", str(REPO / "train" / "run.py")]
     if list_checkpoints(run_dir / CHECKPOINTS):
         where = ["--resume", str(run_dir)]
     else:

@@ -58,7 +58,7 @@ class TrainingError(UserError, RuntimeError):
 
 
 # ----------------------------------------------------------------------------- distributed set-up
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -70,7 +70,7 @@ def init_distributed() -> tuple[int, int, int]:
 
     if "RANK" not in os.environ:  # `python train/run.py`: a group of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_init_required=True)
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))

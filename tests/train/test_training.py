@@ -332,11 +332,8 @@ def test_run_py_two_ranks_writes_predictions_for_every_test_id(tiny_checkpoint, 
     # peak memory, the larger of the two ranks' (CPU: resident set; torch alone takes > 200 MiB),
     # and the optimizer's share: fp32 master weights and two AdamW moments, half on each rank
     assert 200 < summary["peak_rss_mib"] < 24 * 1024 and summary["seconds"] > 0
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    windows = [r for r in log if "samples_per_s" in r]
-    assert windows and summary["train_samples_per_s"] > 0
     # every step's examples counted once: the steps' batches, over the ranks
-    assert summary["train_examples"] == 3 * 8, summary
+    assert summary["train_examples"] == 3 * 8 and summary["train_samples_per_s"] > 0, summary
     expected = 12 * summary["trainable_parameters"] / 2 / 2**20
     assert abs(summary["optimizer_state_mib"] - expected) <= 0.02 * expected + 0.1, (summary, expected)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
