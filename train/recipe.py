@@ -108,13 +108,11 @@ def load_recipe(spec: str) -> Recipe:
     return Recipe(str(data.get("name", path.stem)), members, weights, dtype)
 
 
-def member_command(member: Member, data: str, run_dir: Path, num_gpus: int) -> list[str]:
-    """The launch of one member: new, or ``--resume`` of an interrupted one (the config and
-    overrides again, which train/run.py checks against the saved ones)."""
-    from train.stage import free_port
-
+def member_command(member: Member, data: str, run_dir: Path, num_gpus: int, port: int) -> list[str]:
+    """The launch of one member on ``port``: new, or ``--resume`` of an interrupted one (the
+    config and overrides again, which train/run.py checks against the saved ones)."""
     launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(num_gpus),
-                f"--master_port={free_port()}", str(REPO / "train" / "run.py")]
+                f"--master_port={port}", str(REPO / "train" / "run.py")]
     if list_checkpoints(run_dir / CHECKPOINTS):
         where = ["--resume", str(run_dir)]
     else:
@@ -142,6 +140,7 @@ def _main(argv: list[str]) -> int:
     import torch
 
     from train.data import check_data_dir
+    from train.stage import free_port, release_shared_buffers
 
     recipe = load_recipe(args.recipe)
     out = Path(args.out) if args.out else Path("runs") / recipe.name
@@ -170,13 +169,15 @@ def _main(argv: list[str]) -> int:
         if (run_dir / SUMMARY).is_file():
             print(f"[recipe] member {i + 1}/{len(recipe.members)} {member.name}: done before, kept", flush=True)
             continue
-        cmd = member_command(member, args.data, run_dir, num_gpus)
+        port = free_port()
+        cmd = member_command(member, args.data, run_dir, num_gpus, port)
         if args.no_progress:
             cmd.append("--no-progress")
         print(f"[recipe] member {i + 1}/{len(recipe.members)} {member.name}: {' '.join(cmd)}", flush=True)
         t0 = time.monotonic()
         status = subprocess.call(cmd, env=env)
         seconds[member.name] = round(time.monotonic() - t0, 1)
+        release_shared_buffers(port)  # a rank killed before its exit hook left its buffer behind
         if status != 0 or not (run_dir / SUMMARY).is_file():
             print(f"[recipe] member {member.name} stopped (status {status}); run the same command again "
                   f"to resume it", file=sys.stderr, flush=True)

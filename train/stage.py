@@ -22,6 +22,7 @@
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import math
@@ -64,6 +65,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# DeepSpeed's CPU accelerator gives every rank of a one-node group a 66 MiB shared-memory
+# all-reduce buffer, /dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>,
+# and never unlinks it: each run would leave its buffers in tmpfs (RAM) until the machine
+# restarts. Every rank removes its own at exit (the name only: ranks still running keep their
+# mapping), and train.recipe removes a killed member's by its port.
+SHM_DIR = Path("/dev/shm")
+
+
+def shared_buffers(port: int | str, rank: int | None = None, addr: str = "*") -> list[Path]:
+    """The DeepSpeed CPU all-reduce buffers of the group on ``port`` (of one rank, or of all)."""
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{'*' if rank is None else rank}"
+    return sorted(SHM_DIR.glob(name))
+
+
+def release_shared_buffers(port: int | str, rank: int | None = None, addr: str = "*") -> int:
+    """Unlink those buffers; returns how many were removed."""
+    removed = 0
+    for path in shared_buffers(port, rank, addr):
+        try:
+            path.unlink()
+            removed += 1
+        except FileNotFoundError:  # another rank or process got there first
+            pass
+    return removed
+
+
 def init_distributed() -> tuple[int, int, int]:
     """Join (or, as one plain process, create) the process group; returns (rank, world, local_rank)."""
     import deepspeed
@@ -73,6 +100,8 @@ def init_distributed() -> tuple[int, int, int]:
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_init_required=True)
+        atexit.register(release_shared_buffers, os.environ["MASTER_PORT"], dist.get_rank(),
+                        os.environ["MASTER_ADDR"])
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
 
 

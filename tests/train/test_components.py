@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +20,6 @@ from train.tasks import metric, overall_score, write_predictions
 
 # ----------------------------------------------------------------------------- config
 def test_shipped_configs_load_and_derive_deepspeed(tmp_path):
-    from pathlib import Path
 
     configs = sorted((Path(__file__).resolve().parents[2] / "train" / "configs").glob("*.json"))
     assert {p.stem for p in configs} >= {"zero2_bf16", "cpu_smoke", "zero0_bf16", "zero1_bf16", "zero3_bf16"}
@@ -188,6 +189,47 @@ def test_collectives_run_on_the_trainers_device(tmp_path, monkeypatch):
         tasks.sharded_map(lambda batch: torch.zeros(len(batch), device="meta"), list(range(5)), 2,
                           lambda i: i, device=torch.device("meta"))
     assert seen == [("all_reduce", torch.device("meta"))] * 3 + [("all_gather", torch.device("meta"))]
+
+
+def test_release_shared_buffers_removes_one_ranks_or_one_ports_buffers(tmp_path, monkeypatch):
+    import os
+
+    from train import stage
+
+    monkeypatch.setattr(stage, "SHM_DIR", tmp_path)
+    uid = os.getuid()
+    names = [f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_{port}_{rank}" for port in (4107, 41070) for rank in (0, 1)]
+    names.append(f"deepspeed_allreduce_buffer_{uid + 1}_127.0.0.1_4107_0")  # another user's
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    left = lambda: sorted(p.name for p in tmp_path.iterdir())  # noqa: E731
+    assert stage.release_shared_buffers(4107, rank=1, addr="127.0.0.1") == 1
+    assert left() == sorted(set(names) - {names[1]})
+    assert stage.release_shared_buffers("4107") == 1  # rank 0 of that port; not 41070, not the other uid
+    assert left() == sorted(names[2:])
+    assert stage.release_shared_buffers(4107) == 0
+
+
+def test_a_process_group_leaves_no_shared_buffer_behind(tmp_path):
+    """DeepSpeed's CPU accelerator creates the buffer under the name ``shared_buffers`` looks for
+    (seen while the group is up), and the exit hook removes it."""
+    import subprocess
+    import sys
+
+    from train.stage import SHM_DIR, shared_buffers
+
+    if not SHM_DIR.is_dir():
+        pytest.fail(f"{SHM_DIR} is missing: the CPU all-reduce buffers live there on Linux")
+    code = ("import os, json; from train.stage import init_distributed, shared_buffers; init_distributed(); "
+            "port = os.environ['MASTER_PORT']; print(json.dumps([port, [str(p) for p in shared_buffers(port, 0)]]))")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR")}
+    env["LOCAL_SIZE"] = "1"  # what the deepspeed launcher sets: all ranks on this node, so the buffer is used
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=str(Path(__file__).resolve().parents[2]))
+    assert out.returncode == 0, out.stderr[-2000:]
+    port, during = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(during) == 1, f"no buffer named like DeepSpeed's while the group was up: {during}"
+    assert shared_buffers(port) == [], "the exit hook left the buffer in /dev/shm"
 
 
 def test_a_window_of_losses_is_reduced_and_a_late_nan_names_its_step(tmp_path):

@@ -315,8 +315,11 @@ def _read_predictions(path: Path) -> tuple[list[str], dict[str, str]]:
 
 
 def test_run_py_two_ranks_writes_predictions_for_every_test_id(tiny_checkpoint, data_dir, tmp_path):
+    from train.stage import shared_buffers
+
     out = tmp_path / "run"
-    cmd = [_deepspeed(), "--num_gpus", "2", _master_port(), "train/run.py", "--config", "train/configs/cpu_smoke.json",
+    port = _master_port()
+    cmd = [_deepspeed(), "--num_gpus", "2", port, "train/run.py", "--config", "train/configs/cpu_smoke.json",
            "--data", str(data_dir), "--out", str(out), "--no-progress",
            "--model.checkpoint", str(tiny_checkpoint), "--steps_per_epoch", "3",
            "--deepspeed.global_batch", "8", "--deepspeed.micro_batch_per_device=4",
@@ -327,6 +330,8 @@ def test_run_py_two_ranks_writes_predictions_for_every_test_id(tiny_checkpoint, 
     for task in ("sst", "quora", "sts"):
         cmd += [f"--tasks.{task}.max_eval", "32"]
     _run(cmd)
+    # both ranks removed their DeepSpeed CPU all-reduce buffers from /dev/shm at exit
+    assert shared_buffers(port.split("=")[1]) == []
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3 and set(summary["best_dev"]) == {"sst", "quora", "sts", "overall"}
     # peak memory, the larger of the two ranks' (CPU: resident set; torch alone takes > 200 MiB),
