@@ -347,6 +347,9 @@ class TrainConfig:
     # end the run after this many epochs in a row without a better dev overall (0 = off); the
     # best export (out/best) stays the best epoch's
     early_stopping_patience: int = 0
+    # end the run after this epoch (null: run every epoch); the schedules (learning rate, task
+    # sampling) still span all `epochs`, so the epochs trained are those of the longer run, cut
+    stop_after_epoch: int | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     tasks: TasksConfig = field(default_factory=TasksConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -390,6 +393,9 @@ class TrainConfig:
             raise ConfigError(f"save_every_minutes must be > 0 or null, got {self.save_every_minutes}")
         if self.stop_check_every < 1:
             raise ConfigError(f"stop_check_every must be >= 1, got {self.stop_check_every}")
+        if self.stop_after_epoch is not None and not 1 <= self.stop_after_epoch <= self.epochs:
+            raise ConfigError(f"stop_after_epoch must be in [1, epochs = {self.epochs}] or null, got "
+                              f"{self.stop_after_epoch}")
         if self.early_stopping_patience < 0:
             raise ConfigError(f"early_stopping_patience must be >= 0 (0 = off), got "
                               f"{self.early_stopping_patience}")

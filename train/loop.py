@@ -423,6 +423,15 @@ class Trainer(Stage):
             if self.is_main:
                 bar.write(f"early stopping after epoch {epoch}: {patience} epoch(s) without a "
                           f"better dev overall than {self.best_score:.4f}")
+        stop_at = self.cfg.stop_after_epoch
+        if (self.finished_early is None and stop_at is not None and epoch >= stop_at
+                and self.step < self.total_steps):
+            self.finished_early = {"epoch": epoch, "step": self.step, "stop_after_epoch": stop_at,
+                                   "best_dev_overall": self.best_score}
+            self.log({"early_stop": self.finished_early})
+            if self.is_main:
+                bar.write(f"stopping after epoch {epoch} of {self.total_steps // self.steps_per_epoch} "
+                          f"(stop_after_epoch); best dev overall {self.best_score:.4f}")
         self._window["start"] = time.perf_counter()
 
     def epochs_without_gain(self) -> int:

@@ -125,6 +125,10 @@ def scenarios(checkpoint: str, world: int) -> dict[str, dict]:
                                                                "intermediate.dense"]}}),
         "early-stop": base(checkpoint, epochs=4, steps_per_epoch=2, early_stopping_patience=1,
                            **{"deepspeed.micro_batch_per_device": micro, "optim.lr": 1e-12}),
+        "stop-after": base(checkpoint, epochs=3, steps_per_epoch=2, stop_after_epoch=2,
+                           **{"deepspeed.micro_batch_per_device": micro}),
+        "stop-after-full": base(checkpoint, epochs=3, steps_per_epoch=2,
+                                **{"deepspeed.micro_batch_per_device": micro}),
         **{f"kernels-{k}": base(checkpoint, steps_per_epoch=KERNEL_STEPS, **{
             "deepspeed.micro_batch_per_device": micro, "model.kernels": k, "tasks.quora.enabled": False,
             "tasks.sts.enabled": False, "tasks.sst.max_eval": 4, "tasks.sst.max_length": 48})
@@ -456,6 +460,26 @@ def early_stop_scenario(table, data, out):
             "early_stop_logged": [r["early_stop"] for r in log if "early_stop" in r]}
 
 
+def stop_after_scenario(table, data, out):
+    """``stop_after_epoch: 2`` of 3 epochs beside the full 3 epochs: the steps (losses, learning
+    rates) each logs, where the cut run ended, and what its resume trains."""
+    def steps(run_dir):
+        log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+        return [{"step": r["step"], "loss": r["loss"], "lr": r["lr"]} for r in log if "loss" in r]
+
+    full = _trainer(table["stop-after-full"], data, out / "full")
+    full.fit()
+    cut = _trainer(table["stop-after"], data, out / "cut")
+    result = cut.fit()
+    resumed = _trainer(table["stop-after"], data, out / "cut", resume=out / "cut")
+    again = resumed.fit()
+    best = json.loads((out / "cut" / "best" / "multitask.json").read_text())
+    return {"full": steps(out / "full"), "cut": steps(out / "cut"), "cut_step": cut.step,
+            "total_steps": cut.total_steps, "finished_early": result["finished_early"],
+            "epochs": [h["epoch"] for h in cut.history], "best_step": best["step"],
+            "resumed_step": resumed.step, "resumed_result": again["finished_early"]}
+
+
 def export_scenario(table, data, out, name):
     """Train; the export must reload with the same heads and weights. ``mid-layer``: heads on
     layer 1 of 2 with their own layers (SST: one random, Quora: one copied from encoder layer 2
@@ -630,7 +654,7 @@ SCENARIO_RUNNERS = {"fp32-resume": fp32_resume, "sigterm": sigterm, "truncated":
                     "simcse-resume": simcse_resume, "offload": offload, "simcse-sup-fp32": simcse_fp32_grads,
                     "kernels-eager": lambda *a: kernels_scenario(*a, "eager"),
                     "kernels-triton": lambda *a: kernels_scenario(*a, "triton"),
-                    "early-stop": early_stop_scenario,
+                    "early-stop": early_stop_scenario, "stop-after": stop_after_scenario,
                     **{n: (lambda *a, n=n: export_scenario(*a, n)) for n in ("mid-layer", "pair-heads")},
                     "lora": lora_scenario, "joint-simcse": joint_simcse_scenario, "smart": smart_scenario,
                     "pcgrad-from-2": pcgrad_from_scenario, "task-batch": task_batch_scenario,

@@ -31,7 +31,7 @@ WORKER = REPO / "tests" / "train" / "ds_worker.py"
 TWO_RANK_SCENARIOS = ("zero0,zero1,zero2,zero2-padded,zero2-fused,pcgrad,fp32,fp32-resume,learn,nan,"
                       "interrupted-save,simcse-sup,simcse-unsup,sigterm,truncated,simcse-resume,offload,"
                       "simcse-sup-fp32,kernels-eager,kernels-triton,freeze-encoder,freeze-layers,"
-                      "freeze-layers-zero3,early-stop,mid-layer,lora,pair-heads,joint-simcse,smart,pcgrad-from-2,task-batch,"
+                      "freeze-layers-zero3,early-stop,stop-after,mid-layer,lora,pair-heads,joint-simcse,smart,pcgrad-from-2,task-batch,"
                       "lora-zero3,mid-layer-zero3,pair-heads-zero3,joint-simcse-zero3,task-batch-zero3,"
                       "options-a-eager,options-a-triton,options-a-zero0,options-a-zero1,"
                       "options-b-eager,options-b-triton,options-b-zero0,options-b-zero1,"
@@ -633,6 +633,20 @@ def test_early_stopping_ends_the_run_and_keeps_the_best(results):
     assert r["resumed_step"] == 4 and r["resumed_result"] == r["finished_early"]
 
 
+def test_stop_after_epoch_cuts_the_longer_run_and_resumes_to_nothing(results):
+    """``stop_after_epoch: 2`` of 3: the run logs the 3-epoch run's first 4 steps (same losses, and
+    learning rates still decaying over 6 steps), ends at epoch 2 with it logged, exports its best
+    epoch, and resuming trains nothing more."""
+    r = results["two"]["stop-after"]
+    assert [s["step"] for s in r["full"]] == list(range(1, 7))
+    assert r["cut"] == r["full"][:4], (r["cut"], r["full"])
+    assert r["cut"][-1]["lr"] > r["full"][-1]["lr"] >= 0  # the schedule spans 3 epochs, not 2
+    assert r["cut_step"] == 4 and r["total_steps"] == 6 and r["epochs"] == [1, 2]
+    assert r["finished_early"]["epoch"] == 2 and r["finished_early"]["stop_after_epoch"] == 2
+    assert r["best_step"] in (2, 4)
+    assert r["resumed_step"] == 4 and r["resumed_result"] == r["finished_early"]
+
+
 def test_freeze_and_patience_config_errors():
     from train.config import ConfigError, ModelConfig, TrainConfig
 
@@ -642,6 +656,10 @@ def test_freeze_and_patience_config_errors():
     assert ModelConfig(freeze="layers:2-5").freeze_layers() == (2, 5)
     with pytest.raises(ConfigError, match="early_stopping_patience"):
         TrainConfig(early_stopping_patience=-1)
+    for bad in (0, 4):
+        with pytest.raises(ConfigError, match="stop_after_epoch"):
+            TrainConfig(epochs=3, stop_after_epoch=bad)
+    assert TrainConfig(epochs=3, stop_after_epoch=3).stop_after_epoch == 3
     with pytest.raises(ConfigError, match="not both"):
         TrainConfig(pcgrad=True, pcgrad_from_epoch=1, schedule={"kind": "superbatch"})
     with pytest.raises(ConfigError, match=r"pcgrad_from_epoch must be in \[1, epochs = 3\]"):
