@@ -414,25 +414,24 @@ class Trainer(Stage):
         if scores["overall"] > self.best_score:
             self.best_score = scores["overall"]
             self.export(self.out_dir / "best", scores)
-        patience = self.cfg.early_stopping_patience
-        if patience and self.step < self.total_steps and self.epochs_without_gain() >= patience:
-            # every rank holds the same all-reduced dev scores: the same decision everywhere
-            self.finished_early = {"epoch": epoch, "step": self.step, "patience": patience,
-                                   "best_dev_overall": self.best_score}
-            self.log({"early_stop": self.finished_early})
-            if self.is_main:
-                bar.write(f"early stopping after epoch {epoch}: {patience} epoch(s) without a "
-                          f"better dev overall than {self.best_score:.4f}")
-        stop_at = self.cfg.stop_after_epoch
-        if (self.finished_early is None and stop_at is not None and epoch >= stop_at
-                and self.step < self.total_steps):
-            self.finished_early = {"epoch": epoch, "step": self.step, "stop_after_epoch": stop_at,
-                                   "best_dev_overall": self.best_score}
-            self.log({"early_stop": self.finished_early})
-            if self.is_main:
-                bar.write(f"stopping after epoch {epoch} of {self.total_steps // self.steps_per_epoch} "
-                          f"(stop_after_epoch); best dev overall {self.best_score:.4f}")
+        # every rank holds the same all-reduced dev scores: the same decision everywhere
+        patience, stop_at = self.cfg.early_stopping_patience, self.cfg.stop_after_epoch
+        more = self.step < self.total_steps
+        if more and patience and self.epochs_without_gain() >= patience:
+            self._finish_early(bar, {"patience": patience}, f"early stopping after epoch {epoch}: {patience} "
+                               f"epoch(s) without a better dev overall than {self.best_score:.4f}")
+        elif more and stop_at is not None and epoch >= stop_at:
+            self._finish_early(bar, {"stop_after_epoch": stop_at}, f"stopping after epoch {epoch} "
+                               f"(stop_after_epoch); best dev overall {self.best_score:.4f}")
         self._window["start"] = time.perf_counter()
+
+    def _finish_early(self, bar, why: dict, message: str) -> None:
+        """End the run at this epoch: ``fit`` saves and stops; ``summary.json`` gets the record."""
+        epoch = self.step // self.steps_per_epoch
+        self.finished_early = {"epoch": epoch, "step": self.step, **why, "best_dev_overall": self.best_score}
+        self.log({"early_stop": self.finished_early})
+        if self.is_main:
+            bar.write(message)
 
     def epochs_without_gain(self) -> int:
         """Epochs since the best dev overall so far (0 when the last epoch was the best)."""
