@@ -192,8 +192,6 @@ def test_collectives_run_on_the_trainers_device(tmp_path, monkeypatch):
 
 
 def test_release_shared_buffers_removes_one_ranks_or_one_ports_buffers(tmp_path, monkeypatch):
-    import os
-
     from train import stage
 
     monkeypatch.setattr(stage, "SHM_DIR", tmp_path)
