@@ -64,14 +64,12 @@ def _deepspeed() -> str:
     return str(Path(sys.executable).parent / "deepspeed")
 
 
-def _master_port() -> str:
-    """``--master_port=N`` with a port free now: DeepSpeed's default (29500) collides with any
-    other launch on the machine (another checkout's test run)."""
-    import socket
+def _master_port(port: int | None = None) -> str:
+    """``--master_port=N`` with a port free now (``train.stage.free_port``): DeepSpeed's default
+    (29500) collides with any other launch on the machine (another checkout's test run)."""
+    from train.stage import free_port
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"--master_port={sock.getsockname()[1]}"
+    return f"--master_port={free_port() if port is None else port}"
 
 
 @pytest.fixture(scope="module")
@@ -315,11 +313,11 @@ def _read_predictions(path: Path) -> tuple[list[str], dict[str, str]]:
 
 
 def test_run_py_two_ranks_writes_predictions_for_every_test_id(tiny_checkpoint, data_dir, tmp_path):
-    from train.stage import shared_buffers
+    from train.stage import free_port, shared_buffers
 
     out = tmp_path / "run"
-    port = _master_port()
-    cmd = [_deepspeed(), "--num_gpus", "2", port, "train/run.py", "--config", "train/configs/cpu_smoke.json",
+    port = free_port()
+    cmd = [_deepspeed(), "--num_gpus", "2", _master_port(port), "train/run.py", "--config", "train/configs/cpu_smoke.json",
            "--data", str(data_dir), "--out", str(out), "--no-progress",
            "--model.checkpoint", str(tiny_checkpoint), "--steps_per_epoch", "3",
            "--deepspeed.global_batch", "8", "--deepspeed.micro_batch_per_device=4",
@@ -331,7 +329,7 @@ def test_run_py_two_ranks_writes_predictions_for_every_test_id(tiny_checkpoint, 
         cmd += [f"--tasks.{task}.max_eval", "32"]
     _run(cmd)
     # both ranks removed their DeepSpeed CPU all-reduce buffers from /dev/shm at exit
-    assert shared_buffers(port.split("=")[1]) == []
+    assert shared_buffers(port) == []
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3 and set(summary["best_dev"]) == {"sst", "quora", "sts", "overall"}
     # peak memory, the larger of the two ranks' (CPU: resident set; torch alone takes > 200 MiB),
