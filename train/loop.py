@@ -418,16 +418,15 @@ class Trainer(Stage):
         patience, stop_at = self.cfg.early_stopping_patience, self.cfg.stop_after_epoch
         more = self.step < self.total_steps
         if more and patience and self.epochs_without_gain() >= patience:
-            self._finish_early(bar, {"patience": patience}, f"early stopping after epoch {epoch}: {patience} "
-                               f"epoch(s) without a better dev overall than {self.best_score:.4f}")
+            self._finish_early(bar, epoch, {"patience": patience}, f"early stopping after epoch {epoch}: "
+                               f"{patience} epoch(s) without a better dev overall than {self.best_score:.4f}")
         elif more and stop_at is not None and epoch >= stop_at:
-            self._finish_early(bar, {"stop_after_epoch": stop_at}, f"stopping after epoch {epoch} "
+            self._finish_early(bar, epoch, {"stop_after_epoch": stop_at}, f"stopping after epoch {epoch} "
                                f"(stop_after_epoch); best dev overall {self.best_score:.4f}")
         self._window["start"] = time.perf_counter()
 
-    def _finish_early(self, bar, why: dict, message: str) -> None:
-        """End the run at this epoch: ``fit`` saves and stops; ``summary.json`` gets the record."""
-        epoch = self.step // self.steps_per_epoch
+    def _finish_early(self, bar, epoch: int, why: dict, message: str) -> None:
+        """End the run after ``epoch``: ``fit`` saves and stops; ``summary.json`` gets the record."""
         self.finished_early = {"epoch": epoch, "step": self.step, **why, "best_dev_overall": self.best_score}
         self.log({"early_stop": self.finished_early})
         if self.is_main:
