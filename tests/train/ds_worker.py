@@ -316,6 +316,11 @@ def _all_ranks(value):
     return gathered
 
 
+def _log_records(run_dir: Path) -> list[dict]:
+    """Every record of a run's ``log.jsonl``, in order."""
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
 def fp32_resume(table, data, out):
     """Stop after 2 steps (checkpoint); 2 more steps are logged but never saved (a crash); a new
     trainer resumes from step 2 and must not log those steps twice."""
@@ -325,7 +330,7 @@ def fp32_resume(table, data, out):
         first.after_step(first.train_step(), _NoBar())
     second = _trainer(table["fp32"], data, out, resume=out)
     second.fit()
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    log = _log_records(out)
     return {"first": first.step_losses[:2], "second": second.step_losses,
             "logged_steps": [r["step"] for r in log if "loss" in r]}
 
@@ -454,7 +459,7 @@ def early_stop_scenario(table, data, out):
     best = json.loads((out / "best" / "multitask.json").read_text())
     resumed = _trainer(cfg, data, out, resume=out)
     again = resumed.fit()
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    log = _log_records(out)
     return {"steps": trainer.step, "history": trainer.history, "finished_early": result["finished_early"],
             "best_step": best["step"], "resumed_step": resumed.step, "resumed_result": again["finished_early"],
             "early_stop_logged": [r["early_stop"] for r in log if "early_stop" in r]}
@@ -464,8 +469,7 @@ def stop_after_scenario(table, data, out):
     """``stop_after_epoch: 2`` of 3 epochs beside the full 3 epochs: the steps (losses, learning
     rates) each logs, where the cut run ended, and what its resume trains."""
     def steps(run_dir):
-        log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-        return [{"step": r["step"], "loss": r["loss"], "lr": r["lr"]} for r in log if "loss" in r]
+        return [{"step": r["step"], "loss": r["loss"], "lr": r["lr"]} for r in _log_records(run_dir) if "loss" in r]
 
     full = _trainer(table["stop-after-full"], data, out / "full")
     full.fit()
