@@ -55,9 +55,18 @@ def _run(cmd: list[str], timeout: int = 900, interpret: bool = False) -> subproc
     proc = subprocess.run(cmd, cwd=REPO, env=_env(interpret), capture_output=True, text=True,
                           timeout=timeout)
     if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
-                             f"{proc.stderr[-6000:]}")
+        raise AssertionError(_failure(cmd, proc))
     return proc
+
+
+def _failure(cmd: list[str], proc: subprocess.CompletedProcess) -> str:
+    """The failed launch's last traceback first (a CI log shows only the start of a long message),
+    then the tails of its output."""
+    out = proc.stdout + proc.stderr
+    start = out.rfind("Traceback (most recent call last)")
+    cause = out[start:][:3000] if start >= 0 else "(no Python traceback in the output)"
+    return (f"{' '.join(cmd)[:300]} failed ({proc.returncode})\nlast traceback:\n{cause}\n"
+            f"--- stdout tail:\n{proc.stdout[-3000:]}\n--- stderr tail:\n{proc.stderr[-5000:]}")
 
 
 def _deepspeed() -> str:
