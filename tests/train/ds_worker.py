@@ -4,8 +4,9 @@
     python tests/train/ds_worker.py ...            # one process
 
 Each scenario trains a few steps of a tiny BERT and rank 0 writes its per-step losses (and what
-else the tests check) to ``OUT/results.json``. Starting DeepSpeed once for several scenarios
-keeps the tests fast. The 2-rank scenarios that use collectives outside the trainer (``sigterm``,
+else the tests check) to ``OUT/results.json``, and each scenario's seconds to ``OUT/timings.json``
+(on 2 CPU ranks the Triton-interpreter scenarios take about half of the launch). Starting
+DeepSpeed once for several scenarios keeps the tests fast. The 2-rank scenarios that use collectives outside the trainer (``sigterm``,
 ``truncated``) need a process group of 2.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch.distributed as dist
@@ -682,7 +684,9 @@ def main() -> int:
 
     world = int(os.environ.get("WORLD_SIZE", 1))
     table = scenarios(args.checkpoint, world)
+    starts = []  # (scenario, its start): timings.json gives each one's seconds, to see where the launch goes
     for name in args.scenarios.split(","):
+        starts.append((name, time.perf_counter()))
         if name in SCENARIO_RUNNERS:
             results[name] = SCENARIO_RUNNERS[name](table, args.data, out / name)
             continue
@@ -728,6 +732,9 @@ def main() -> int:
                          "unpad": trainer.engine.module.bert.config.unpad}
     if int(os.environ.get("RANK", 0)) == 0:
         (out / "results.json").write_text(json.dumps(results, indent=2))
+        ends = [t for _, t in starts[1:]] + [time.perf_counter()]
+        (out / "timings.json").write_text(json.dumps(
+            {name: round(end - start, 2) for (name, start), end in zip(starts, ends)}, indent=1))
     return 0
 
 
