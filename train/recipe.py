@@ -1,6 +1,6 @@
 """A recipe: several training runs and the ensemble of their best exports, from one command.
 
-    python -m train.recipe NAME|FILE --data DIR [--out DIR] [--num_gpus N] [--overwrite]
+    python -m train.recipe NAME|FILE --data DIR [--out DIR] [--num_gpus N] [--overwrite] [--keep-checkpoints]
 
 ``NAME`` is a shipped recipe (``train/recipes/NAME.json``), ``FILE`` any recipe JSON:
 
@@ -17,13 +17,17 @@ the ensemble, with the wall time of each part. Every member config is checked be
 run starts. Run the same command again after an interruption: finished members are kept,
 interrupted ones resume from their last checkpoint (``--resume``), and a member that saved
 nothing starts again. ``OUT`` holding another recipe is refused (``--overwrite`` moves it to
-``OUT.replaced-<time>``).
+``OUT.replaced-<time>``). A member that finishes has its resumable DeepSpeed checkpoints removed
+(the ensemble reads its ``best/`` export; each checkpoint holds the optimizer state, several
+times the model: 700 MB a member for the embedded 6-layer model); ``--keep-checkpoints`` keeps
+them.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -120,6 +124,19 @@ def member_command(member: Member, data: str, run_dir: Path, num_gpus: int, port
     return [*launcher, "--config", member.config, "--data", data, *where, *member.args()]
 
 
+def drop_checkpoints(run_dir: Path, name: str) -> int:
+    """Remove a finished member's resumable checkpoints (``run_dir/checkpoints``); its ``best/``
+    export, log and predictions stay. Returns the bytes freed."""
+    root = run_dir / CHECKPOINTS
+    if not root.is_dir() or not (run_dir / "best" / "multitask.json").is_file():
+        return 0  # nothing to remove, or no export to stand in for them: keep them
+    size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+    shutil.rmtree(root)
+    print(f"[recipe] member {name}: finished; its resumable checkpoints removed ({size / 2**20:.0f} MiB; "
+          f"--keep-checkpoints keeps them), its export {run_dir / 'best'} kept", flush=True)
+    return size
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_cli(_main, argv)
 
@@ -133,6 +150,9 @@ def _main(argv: list[str]) -> int:
                     help="ranks per member run (default: the GPUs here, or 2 CPU ranks without one)")
     ap.add_argument("--overwrite", action="store_true",
                     help="OUT holds another recipe: move it to OUT.replaced-TIME and start anew")
+    ap.add_argument("--keep-checkpoints", action="store_true",
+                    help="keep each finished member's resumable DeepSpeed checkpoints (default: removed; "
+                         "its best/ export stays)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     started = time.monotonic()
@@ -182,6 +202,8 @@ def _main(argv: list[str]) -> int:
             print(f"[recipe] member {member.name} stopped (status {status}); run the same command again "
                   f"to resume it", file=sys.stderr, flush=True)
             return status or 1
+        if not args.keep_checkpoints:
+            drop_checkpoints(run_dir, member.name)
 
     from train.predict import load_member, write_all, write_ensemble
 

@@ -1,6 +1,7 @@
 """``python -m train.recipe``: member runs, the ensemble's prediction files, a rerun that keeps
-finished members and resumes an unfinished one, and the refusals (another recipe in --out, a bad
-member config) before anything runs."""
+finished members and resumes an unfinished one, finished members' checkpoints removed unless
+``--keep-checkpoints``, and the refusals (another recipe in --out, a bad member config) before
+anything runs."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from train.checkpoints import list_checkpoints
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -40,8 +43,10 @@ def _ids(path: Path) -> list[str]:
 
 def test_recipe_runs_members_ensembles_and_reruns_without_retraining(tmp_path, tiny_checkpoint, data_dir):
     recipe, out = _recipe(tmp_path, tiny_checkpoint), tmp_path / "out"
-    proc = _run(str(recipe), "--data", str(data_dir), "--out", str(out))
+    proc = _run(str(recipe), "--data", str(data_dir), "--out", str(out), "--keep-checkpoints")
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "checkpoints removed" not in proc.stdout
+    assert all(list_checkpoints(out / "members" / n / "checkpoints") for n in ("seed0", "seed1"))
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["members"]) == {"seed0", "seed1"}
     for name, m in summary["members"].items():
@@ -67,13 +72,20 @@ def test_recipe_runs_members_ensembles_and_reruns_without_retraining(tmp_path, t
     assert {p: p.stat().st_mtime_ns for p in kept} == kept
     assert json.loads((out / "summary.json").read_text())["dev"] == summary["dev"]
 
-    # A member that stopped before its summary resumes from its checkpoint (nothing left to train)
+    # A member that stopped before its summary resumes from its checkpoint (nothing left to train);
+    # without --keep-checkpoints, its checkpoints go once it has finished, its export stays. The
+    # member kept from before keeps its own.
     (out / "members" / "seed1" / "summary.json").unlink()
     resumed = _run(str(recipe), "--data", str(data_dir), "--out", str(out))
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "--resume" in resumed.stdout and resumed.stdout.count("done before, kept") == 1
     assert json.loads((out / "members" / "seed1" / "summary.json").read_text())["best_dev"] == \
         summary["members"]["seed1"]["dev"]
+    assert resumed.stdout.count("resumable checkpoints removed") == 1
+    assert not (out / "members" / "seed1" / "checkpoints").exists()
+    assert (out / "members" / "seed1" / "best" / "multitask.json").is_file()
+    assert list_checkpoints(out / "members" / "seed0" / "checkpoints")
+    assert json.loads((out / "summary.json").read_text())["dev"] == summary["dev"]
 
 
 def test_recipe_refuses_another_recipe_in_out_and_bad_members_before_running(tmp_path, tiny_checkpoint,
@@ -119,3 +131,20 @@ def test_shipped_recipes_load():
     for path in shipped:
         recipe = load_recipe(path.stem)
         assert recipe.name == path.stem and recipe.members
+
+
+def test_drop_checkpoints_needs_the_export_and_frees_what_it_removes(tmp_path, capsys):
+    from train.recipe import drop_checkpoints
+
+    run = tmp_path / "member"
+    (run / "checkpoints" / "step0000002").mkdir(parents=True)
+    (run / "checkpoints" / "step0000002" / "model.pt").write_bytes(b"x" * 3000)
+    (run / "checkpoints" / "latest").write_text("step0000002")
+    assert drop_checkpoints(run, "m") == 0  # no best/ export to stand in for them: kept
+    assert (run / "checkpoints" / "step0000002" / "model.pt").is_file()
+    (run / "best").mkdir()
+    (run / "best" / "multitask.json").write_text("{}")
+    assert drop_checkpoints(run, "m") == 3000 + len("step0000002")
+    assert not (run / "checkpoints").exists() and (run / "best" / "multitask.json").is_file()
+    assert "member m: finished; its resumable checkpoints removed" in capsys.readouterr().out
+    assert drop_checkpoints(run, "m") == 0  # nothing left
