@@ -19,7 +19,7 @@ interrupted ones resume from their last checkpoint (``--resume``), and a member 
 nothing starts again. ``OUT`` holding another recipe is refused (``--overwrite`` moves it to
 ``OUT.replaced-<time>``). A member that finishes has its resumable DeepSpeed checkpoints removed
 (the ensemble reads its ``best/`` export; each checkpoint holds the optimizer state, several
-times the model: 700 MB a member for the embedded 6-layer model); ``--keep-checkpoints`` keeps
+times the model: 620-700 MiB a member of ``cpu_best``); ``--keep-checkpoints`` keeps
 them.
 """
 from __future__ import annotations

@@ -6,8 +6,8 @@
 Each scenario trains a few steps of a tiny BERT and rank 0 writes its per-step losses (and what
 else the tests check) to ``OUT/results.json``, and each scenario's seconds to ``OUT/timings.json``
 (on 2 CPU ranks the Triton-interpreter scenarios take about half of the launch). Starting
-DeepSpeed once for several scenarios keeps the tests fast. The 2-rank scenarios that use collectives outside the trainer (``sigterm``,
-``truncated``) need a process group of 2.
+DeepSpeed once for several scenarios keeps the tests fast. The 2-rank scenarios that use
+collectives outside the trainer (``sigterm``, ``truncated``) need a process group of 2.
 """
 from __future__ import annotations
 
