@@ -127,8 +127,10 @@ def member_command(member: Member, data: str, run_dir: Path, num_gpus: int, port
 def drop_checkpoints(run_dir: Path, name: str) -> int:
     """Remove a finished member's resumable checkpoints (``run_dir/checkpoints``); its ``best/``
     export, log and predictions stay. Returns the bytes freed."""
+    from train.export import MULTITASK_META  # here: it imports torch, which --help and refusals skip
+
     root = run_dir / CHECKPOINTS
-    if not root.is_dir() or not (run_dir / "best" / "multitask.json").is_file():
+    if not root.is_dir() or not (run_dir / "best" / MULTITASK_META).is_file():
         return 0  # nothing to remove, or no export to stand in for them: keep them
     size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
     shutil.rmtree(root)

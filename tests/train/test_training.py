@@ -326,7 +326,8 @@ def test_run_py_two_ranks_writes_predictions_for_every_test_id(tiny_checkpoint, 
 
     out = tmp_path / "run"
     port = free_port()
-    cmd = [_deepspeed(), "--num_gpus", "2", _master_port(port), "train/run.py", "--config", "train/configs/cpu_smoke.json",
+    cmd = [_deepspeed(), "--num_gpus", "2", _master_port(port), "train/run.py",
+           "--config", "train/configs/cpu_smoke.json",
            "--data", str(data_dir), "--out", str(out), "--no-progress",
            "--model.checkpoint", str(tiny_checkpoint), "--steps_per_epoch", "3",
            "--deepspeed.global_batch", "8", "--deepspeed.micro_batch_per_device=4",
